@@ -1,0 +1,121 @@
+"""Every path inside a project directory, and nothing else.
+
+A project directory holds ``clipvqd.toml`` and the artefacts of each stage:
+
+    vq/            model.safetensors, config.json, log.jsonl, previews/, checkpoints/
+    tokens/        codes.npy (uint16, N x h*w), clip.npy (float16, N x d), meta.json
+    diffusion/     same inner layout as vq/
+    diffusion-cfg/ same
+    samples/<name>/  images/*.png, index.jsonl, contact sheets
+    reranked/<name>/ the best samples per prompt, scores.jsonl
+    eval/<name>.json and <name>.md
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipvqd.errors import UserError
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """The inner layout shared by the training stages (vq, diffusion, diffusion-cfg)."""
+
+    root: Path
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.jsonl"
+
+    @property
+    def previews(self) -> Path:
+        return self.root / "previews"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+
+# The command that produces each artefact, for "run X first" messages.
+PRODUCER = {
+    "vq": "clipvqd train-vq",
+    "tokens": "clipvqd tokenize",
+    "diffusion": "clipvqd train-diffusion",
+    "diffusion-cfg": "clipvqd finetune-cfg",
+    "samples": "clipvqd sample",
+}
+
+
+@dataclass(frozen=True)
+class Project:
+    """Paths of one project; ``root`` is the folder that holds the project file."""
+
+    root: Path
+
+    @classmethod
+    def from_file(cls, project_file: str | Path) -> "Project":
+        return cls(Path(project_file).resolve().parent)
+
+    def resolve(self, path: str) -> Path:
+        """A user path from the project file: relative paths are relative to the project."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    @property
+    def vq(self) -> StageDir:
+        return StageDir(self.root / "vq")
+
+    @property
+    def tokens(self) -> Path:
+        return self.root / "tokens"
+
+    @property
+    def diffusion(self) -> StageDir:
+        return StageDir(self.root / "diffusion")
+
+    @property
+    def diffusion_cfg(self) -> StageDir:
+        return StageDir(self.root / "diffusion-cfg")
+
+    @property
+    def samples_root(self) -> Path:
+        return self.root / "samples"
+
+    def samples(self, name: str) -> Path:
+        return self.samples_root / name
+
+    def reranked(self, name: str) -> Path:
+        return self.root / "reranked" / name
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def cache(self) -> Path:
+        """Cached reference statistics and other derived data that can be rebuilt."""
+        return self.root / "cache"
+
+    def require(self, path: Path, artefact: str) -> Path:
+        """``path`` if it exists, else a UserError naming the command that makes it."""
+        if not path.exists():
+            rel = path.relative_to(self.root) if path.is_relative_to(self.root) else path
+            raise UserError(f"{rel} is missing: run `{PRODUCER[artefact]}` first")
+        return path
+
+
+def slug(text: str, max_len: int = 60) -> str:
+    """A folder-safe name made from a prompt: 'a red circle!' -> 'a-red-circle'."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:max_len].rstrip("-") or "samples"

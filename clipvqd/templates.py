@@ -1,0 +1,131 @@
+"""The example project files (`clipvqd init --example NAME`), written from one
+source: each example is a set of values over the defaults of clipvqd.config,
+and the file lists every key of every section with its one-line help.
+
+``examples/<name>/clipvqd.toml`` in the repository is exactly this output
+(a test holds them equal)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clipvqd.config import SECTIONS, apply_values, Config, config_to_dict, describe_fields
+from clipvqd.errors import UserError
+
+HEADERS = {
+    "shapes": (
+        "The built-in shapes world: the whole pipeline offline on a laptop CPU.\n"
+        "Defaults sized for a 2-core machine: VQ ~3 min, diffusion ~5 min."
+    ),
+    "ffhq": (
+        "FFHQ at 256 px with OpenAI's CLIP ViT-B/32: the paper's recipe (Section 5.5, Table 1).\n"
+        "Needs a GPU. Put the images in ffhq/images256 and a VGG16 weights file at vgg16.safetensors\n"
+        "(or set train_vq.perceptual_weight = 0). clip.pretrained = 'openai' downloads once;\n"
+        "offline, point it at a local file. Values marked (not in the paper) are our choices."
+    ),
+    "coco": (
+        "MS-COCO 2014 at 256 px with OpenAI's CLIP ViT-B/32: the paper's recipe (Table 1, Table 2).\n"
+        "Needs a GPU. Training uses the images only; the captions file serves evaluation.\n"
+        "Values marked (not in the paper) are our choices."
+    ),
+}
+
+_PAPER_VQ = {
+    "codebook_size": 4096, "embed_dim": 256, "base_channels": 128, "channel_mult": [1, 1, 2, 2, 4],
+    "num_res_blocks": 2, "attn_resolutions": [16], "tau_start": 0.9, "tau_end": 0.01, "kl_weight": 5e-5,
+}
+_PAPER_TRANSFORMER = {"layers": 24, "width": 512, "heads": 16, "mlp": "conv", "mlp_ratio": 4}
+
+
+def _paper(path: str, steps_vq: int, alpha: float, guidance: float, truncation: float, eval_: dict) -> dict:
+    return {
+        "project": {"mixed_precision": "bf16", "num_workers": 8},
+        "data": {"source": "folder", "path": path, "image_size": 256},
+        "clip": {"model": "ViT-B-32", "pretrained": "openai", "batch_size": 256},
+        "vq": _PAPER_VQ,
+        "train_vq": {
+            "steps": steps_vq, "batch_size": 32, "lr": 4.5e-6, "scale_lr": True, "disc_start": 25000,
+            "perceptual_weight": 1.0, "perceptual_weights": "vgg16.safetensors", "disc_weight": 0.8,
+            "save_every": 5000, "preview_every": 5000, "log_every": 100,
+        },
+        "diffusion": {"aux_weight": 5e-4},
+        "transformer": _PAPER_TRANSFORMER,
+        "train_diffusion": {
+            "steps": 200000, "batch_size": 32, "lr": 3e-6, "scale_lr": True, "weight_decay": 4.5e-2,
+            "warmup_steps": 1000, "grad_clip": 1.0, "ema_decay": 0.999, "alpha": alpha,
+            "save_every": 5000, "log_every": 100,
+        },
+        "finetune_cfg": {"steps": 20000, "batch_size": 32, "lr": 3e-6, "scale_lr": True, "warmup_steps": 500,
+                         "drop_prob": 0.1, "save_every": 5000, "log_every": 100},
+        "sample": {"steps": 100, "guidance": guidance, "truncation": truncation, "n": 16, "batch_size": 16},
+        "rerank": {"keep": 1},
+        "eval": {"features": "inception", **eval_},
+    }
+
+
+EXAMPLES: dict[str, dict] = {
+    "shapes": {
+        "project": {"seed": 0, "device": "auto", "mixed_precision": "no"},
+        "data": {"source": "shapes", "image_size": 64, "count": 5000},
+        "clip": {"model": "shapes"},
+    },
+    "ffhq": _paper("ffhq/images256", 218750, 0.5, 1.15, 0.85, {"protocol": "ffhq64", "reference_path": "ffhq/images256"}),
+    "coco": _paper(
+        "coco/train2014", 258750, 0.25, 3.0, 0.9,
+        {"protocol": "coco", "reference_path": "coco/val2014", "captions_file": "coco/captions_val2014.txt",
+         "caption_count": 30000, "samples_per_prompt": 1},
+    ),
+}
+
+# Keys whose example values are not stated in the paper or ALGORITHMS.md.
+NOT_IN_PAPER = {
+    "train_vq.steps": "100 epochs at batch 32", "train_diffusion.steps": None, "train_diffusion.batch_size": None,
+    "train_diffusion.ema_decay": None, "train_diffusion.warmup_steps": None, "train_diffusion.grad_clip": None,
+    "finetune_cfg.steps": None, "finetune_cfg.lr": None, "finetune_cfg.warmup_steps": None,
+}
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def render_project_file(example: str) -> str:
+    """The commented TOML text of an example project."""
+    if example not in EXAMPLES:
+        raise UserError(f"unknown example '{example}': choose one of {', '.join(EXAMPLES)}")
+    config: Config = apply_values(Config(), EXAMPLES[example], source=f"example {example}")
+    values = config_to_dict(config)
+    lines = [f"# clipvqd project file: {example}", *(f"# {h}" for h in HEADERS[example].splitlines()),
+             "# Every key is listed with its meaning; override any on the command line with --set section.key=value.", ""]
+    for section in SECTIONS:
+        lines.append(f"[{section}]")
+        for key, _default, help_text in describe_fields(section):
+            note = ""
+            if example != "shapes" and f"{section}.{key}" in NOT_IN_PAPER:
+                extra = NOT_IN_PAPER[f"{section}.{key}"]
+                note = f" ({extra}; not in the paper)" if extra else " (not in the paper)"
+            lines.append(f"# {help_text}{note}")
+            lines.append(f"{key} = {_toml_value(values[section][key])}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_project_file(directory: Path, example: str, force: bool = False) -> Path:
+    """Write ``directory/clipvqd.toml`` for ``example``; refuse to overwrite unless ``force``."""
+    text = render_project_file(example)
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory} exists and is not a folder")
+    path = directory / "clipvqd.toml"
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists: pass --force to overwrite it")
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

@@ -1,0 +1,213 @@
+"""What every training stage shares, and no loop: the Accelerator, per-step
+generators, EMA, the learning-rate schedule, checkpoint/resume, the finite-loss
+guard, and progress display with a ``log.jsonl`` of every loss term."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+
+from clipvqd import checkpoint
+from clipvqd.errors import UserError
+
+log = logging.getLogger("clipvqd")
+
+
+def make_accelerator(project_cfg, find_unused_parameters: bool = False) -> Accelerator:
+    """An Accelerator from ``[project]``: device, mixed precision, accumulation.
+
+    Multi-GPU (and multi-process CPU) needs no code change: start the same
+    command under ``accelerate launch`` or ``torchrun``.
+    """
+    if project_cfg.threads:
+        torch.set_num_threads(project_cfg.threads)
+    if project_cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("project.device = 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
+    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
+    return Accelerator(
+        cpu=project_cfg.device == "cpu",
+        mixed_precision=project_cfg.mixed_precision,
+        gradient_accumulation_steps=project_cfg.grad_accum,
+        kwargs_handlers=kwargs,
+    )
+
+
+def step_generator(seed: int, step: int, rank: int = 0, salt: int = 0, device="cpu") -> torch.Generator:
+    """The generator for one training step of one process: a pure function of
+    (seed, step, rank, salt), so a resumed run draws exactly what an
+    uninterrupted one would."""
+    mixed = (seed * 1_000_003 + step * 9_176 + rank * 7_919 + salt * 104_729) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise UserError(f"checkpoint EMA lacks {sorted(missing)[:3]}: it was made by another model configuration")
+        for k in self.shadow:
+            self.shadow[k].copy_(state[k])
+
+    def weights_for(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict with the averaged tensors in place (cast back to each dtype)."""
+        out = {}
+        for k, v in model.state_dict().items():
+            out[k] = self.shadow[k].to(v.dtype) if k in self.shadow else v
+        return out
+
+
+def lr_factor(step: int, warmup: int, total: int, final: float = 0.1) -> float:
+    """Linear warmup to 1, then cosine decay to ``final`` at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def check_finite(terms: dict[str, float], step: int, stage_dir: Path) -> None:
+    """Stop before poisoned weights are saved: name the step and the last good checkpoint."""
+    bad = [k for k, v in terms.items() if not math.isfinite(v)]
+    if bad:
+        last = checkpoint.latest_checkpoint(Path(stage_dir) / "checkpoints")
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+        raise UserError(
+            f"loss term(s) {', '.join(bad)} became NaN/Inf at step {step}; stopped without saving; {where} "
+            "(try a lower learning rate, or mixed_precision = 'no')"
+        )
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> Any: ...
+
+
+class Checkpointer:
+    """Saves and resumes a stage's training state in ``<stage>/checkpoints/``."""
+
+    def __init__(self, stage_dir: Path, accelerator: Accelerator, keep: int = 2):
+        self.folder = Path(stage_dir) / "checkpoints"
+        self.acc = accelerator
+        self.keep = keep
+
+    def save(self, step: int, modules: dict[str, Stateful], optimizers: dict[str, torch.optim.Optimizer], info=None):
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            states = {name: _state(self.acc, m) for name, m in modules.items()}
+            opts = {name: o.state_dict() for name, o in optimizers.items()}
+            checkpoint.save_training_state(checkpoint.checkpoint_path(self.folder, step), step, states, opts, info)
+            checkpoint.prune_checkpoints(self.folder, self.keep)
+        self.acc.wait_for_everyone()
+
+    def resume(self, modules: dict[str, Stateful], optimizers: dict[str, torch.optim.Optimizer]) -> tuple[int, dict, Path | None]:
+        """Load the newest checkpoint into the given objects; (0, {}, None) when there is none."""
+        path = checkpoint.latest_checkpoint(self.folder)
+        if path is None:
+            return 0, {}, None
+        step, states, opts, info = checkpoint.load_training_state(path)
+        for name, m in modules.items():
+            if name not in states:
+                raise UserError(f"{path}: has no '{name}' state; delete {self.folder} to start over")
+            target = self.acc.unwrap_model(m) if isinstance(m, torch.nn.Module) else m
+            try:
+                target.load_state_dict(states[name])
+            except RuntimeError as exc:
+                raise UserError(
+                    f"{path} was made by another configuration ({str(exc).splitlines()[0]}); "
+                    f"delete {self.folder} to start over"
+                ) from None
+        for name, o in optimizers.items():
+            o.load_state_dict(opts[name])
+        return step, info, path
+
+
+def _state(acc: Accelerator, obj) -> dict[str, torch.Tensor]:
+    if isinstance(obj, torch.nn.Module):
+        return acc.unwrap_model(obj).state_dict()
+    return obj.state_dict()
+
+
+class RunLog:
+    """Progress for one training run: a rich bar on a terminal, a plain line every
+    ``every`` steps otherwise, and every loss term appended to ``log.jsonl``.
+    Only the main process writes."""
+
+    def __init__(self, path: Path, title: str, total: int, start: int, every: int, enabled: bool = True):
+        self.path, self.title, self.total, self.every = Path(path), title, total, every
+        self.enabled = enabled
+        self.start_time = time.perf_counter()
+        self.start_step = start
+        self._bar = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a")
+            if start:
+                self.event(f"resumed at step {start}")
+            if sys.stderr.isatty():
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+                self._bar = Progress(
+                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=True,
+                )
+                self._bar.start()
+                self._task = self._bar.add_task(title, total=total, completed=start, info="")
+
+    def event(self, text: str) -> None:
+        """A one-off line in the log (resume, warnings) and on screen."""
+        if self.enabled:
+            self._fh.write(json.dumps({"event": text, "time": time.time()}) + "\n")
+            self._fh.flush()
+            log.info("%s: %s", self.title, text)
+
+    def step(self, step: int, terms: dict[str, float]) -> None:
+        """Record the terms of ``step`` (1-based count of finished steps)."""
+        if not self.enabled:
+            return
+        if step % self.every == 0 or step == self.total:
+            self._fh.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in terms.items()}}) + "\n")
+            self._fh.flush()
+            if self._bar is None:
+                rate = (step - self.start_step) / max(1e-9, time.perf_counter() - self.start_time)
+                shown = " ".join(f"{k}={v:.4g}" for k, v in list(terms.items())[:4])
+                log.info("%s step %d/%d %s (%.2f steps/s)", self.title, step, self.total, shown, rate)
+        if self._bar is not None:
+            shown = " ".join(f"{k}={v:.3g}" for k, v in list(terms.items())[:2])
+            self._bar.update(self._task, completed=step, info=shown)
+
+    def steps_per_second(self, step: int) -> float:
+        return (step - self.start_step) / max(1e-9, time.perf_counter() - self.start_time)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        if self.enabled:
+            self._fh.close()
