@@ -1,0 +1,407 @@
+"""Mask-and-replace discrete diffusion (VQ-Diffusion), as math only.
+
+No nn parameters, no I/O. Everything a training step or a sampler needs:
+
+- :class:`Schedule`: the noise schedule and every transition probability,
+  built once in float64, then cast to the working device and dtype;
+- forward process: :meth:`Schedule.log_q_xt_given_x0`,
+  :meth:`Schedule.log_q_xt_given_xtm1`, :meth:`Schedule.q_sample`;
+- reverse step: :meth:`Schedule.log_p_prev` (one step, or the exact Δ-step
+  posterior for any ``s < t``);
+- training: :func:`vlb_loss` and :class:`TimestepSampler`.
+
+Conventions
+-----------
+* States: each of ``L`` positions holds a codebook index ``0..K-1`` or the mask
+  index ``K``. A distribution over states is a tensor of log-probabilities of
+  shape ``(B, K+1, L)`` (mask last); the model's prediction of ``x0`` has shape
+  ``(B, K, L)`` (the mask class gets no probability). Log 0 is the floor
+  ``LOG_ZERO = -70`` and results are clamped to ``[-70, 0]``.
+* Time: ``t`` runs ``1..T`` as in the paper; ``t = 0`` is clean data. All
+  schedule arrays are indexed by that same ``t`` (entry 0 is the identity), so
+  ``cumulative_keep[t]`` is ᾱ_t. The transformer's timestep table uses the
+  same 1-based ``t``.
+
+The process
+-----------
+From time ``s`` to time ``t > s`` a real token stays itself with probability
+``a + b``, becomes any given other real token with ``b``, becomes the mask
+with ``c``; the mask stays the mask::
+
+    a = ᾱ_t / ᾱ_s,    c = 1 - (1 - γ̄_t) / (1 - γ̄_s),    b = (1 - a - c) / K
+
+``s = 0`` gives the marginal q(x_t | x0); ``s = t - 1`` the one-step kernel.
+These two-time values are precomputed for every pair ``(s, t)`` in float64, so
+composing steps is exact (Q_{s→u} Q_{u→t} = Q_{s→t}).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from clipvqd.errors import UserError
+
+LOG_ZERO = -70.0
+"""log 0 as a finite number (the reference code's floor)."""
+
+
+def _log(x: torch.Tensor) -> torch.Tensor:
+    """log with 0 (and tiny negatives from rounding) mapped to ``LOG_ZERO``."""
+    return torch.log(x.clamp(min=0.0)).clamp(min=LOG_ZERO)
+
+
+def log_onehot(tokens: torch.Tensor, num_states: int, dtype=torch.float32) -> torch.Tensor:
+    """(B, L) integer tokens -> (B, num_states, L) log one-hot (0 / LOG_ZERO)."""
+    out = torch.full(
+        (tokens.shape[0], num_states, tokens.shape[1]), LOG_ZERO, dtype=dtype, device=tokens.device
+    )
+    return out.scatter_(1, tokens.unsqueeze(1).long(), 0.0)
+
+
+def gumbel_noise(shape, generator: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard Gumbel noise drawn from ``generator``.
+
+    The numbers are drawn on the generator's device and moved if needed, so a
+    CPU generator works with CUDA tensors (slower) and results depend only on
+    the generator's seed.
+    """
+    u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    u = u.to(device=device, dtype=dtype)
+    tiny = torch.finfo(dtype).tiny
+    return -torch.log(-torch.log(u.clamp(min=tiny)).clamp(min=tiny))
+
+
+def sample_categorical(log_p: torch.Tensor, generator: torch.Generator, dim: int = 1) -> torch.Tensor:
+    """Gumbel-max draw from (possibly unnormalised) log-probabilities along ``dim``."""
+    noise = gumbel_noise(log_p.shape, generator, log_p.device, log_p.dtype)
+    return (log_p + noise).argmax(dim=dim)
+
+
+class Schedule:
+    """Mask-and-replace noise schedule with all transition probabilities.
+
+    Args:
+        num_classes: K, the codebook size (the mask is the extra index K).
+        timesteps: T.
+        keep_start, keep_end: ᾱ_1 and ᾱ_T (cumulative keep, linear in t).
+        mask_start, mask_end: γ̄_1 and γ̄_T (cumulative mask, linear in t).
+
+    Tables (all indexed by ``t`` in ``0..T``, float64 masters kept on CPU):
+        ``cumulative_keep`` ᾱ, ``cumulative_mask`` γ̄, ``cumulative_replace`` β̄;
+        ``step_keep`` α, ``step_mask`` γ, ``step_replace`` β (entry 0 = identity).
+    Pairwise log tables of shape (T+1, T+1), entry ``[s, t]`` for ``s <= t``:
+        ``log_a`` (keep), ``log_b`` (replace, per target class),
+        ``log_a_plus_b`` (stay), ``log_c`` (mask), ``log_1m_c`` (not mask).
+    These are in the working dtype/device; use :meth:`to` to move them.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        timesteps: int = 100,
+        keep_start: float = 0.99999,
+        keep_end: float = 0.000009,
+        mask_start: float = 0.000009,
+        mask_end: float = 0.99999,
+    ):
+        if num_classes < 1:
+            raise UserError(f"diffusion needs at least one codebook class, got num_classes={num_classes}")
+        if timesteps < 1:
+            raise UserError(f"diffusion needs at least one timestep, got timesteps={timesteps}")
+        self.num_classes = K = int(num_classes)
+        self.timesteps = T = int(timesteps)
+        self.mask_index = K
+        self.settings = dict(
+            keep_start=keep_start, keep_end=keep_end, mask_start=mask_start, mask_end=mask_end
+        )
+
+        f64 = torch.float64
+        frac = torch.arange(T, dtype=f64) / max(T - 1, 1)  # 0 at t=1, 1 at t=T
+        keep = torch.cat([torch.ones(1, dtype=f64), keep_start + frac * (keep_end - keep_start)])
+        mask = torch.cat([torch.zeros(1, dtype=f64), mask_start + frac * (mask_end - mask_start)])
+        if (keep <= 0).any() or (mask >= 1).any() or (mask < 0).any() or (keep + mask > 1 + 1e-12).any():
+            raise UserError(
+                "diffusion schedule needs 0 < keep, 0 <= mask < 1 and keep + mask <= 1 at every step; "
+                f"got {self.settings}"
+            )
+
+        # Pairwise transition s -> t (s <= t): a = ᾱ_t/ᾱ_s, 1-c = (1-γ̄_t)/(1-γ̄_s).
+        a = keep[None, :] / keep[:, None]
+        one_minus_c = (1 - mask[None, :]) / (1 - mask[:, None])
+        b = (one_minus_c - a) / K
+        valid = torch.ones(T + 1, T + 1, dtype=torch.bool).triu()
+        if (b[valid] < -1e-12).any() or (a[valid] > 1 + 1e-12).any() or (one_minus_c[valid] > 1 + 1e-12).any():
+            raise UserError(
+                "diffusion schedule is not a valid process (some step would need a negative "
+                f"probability); keep must fall and mask rise fast enough: {self.settings}"
+            )
+        b = b.clamp(min=0.0)
+        c = (1 - one_minus_c).clamp(min=0.0)
+        nan = torch.tensor(float("nan"), dtype=f64)
+        self._f64 = {}
+        for name, value in (
+            ("log_a", _log(a)),
+            ("log_b", _log(b)),
+            ("log_a_plus_b", _log(a + b)),
+            ("log_c", _log(c)),
+            ("log_1m_c", _log(one_minus_c)),
+        ):
+            self._f64[name] = torch.where(valid, value, nan)  # s > t is meaningless
+
+        steps = torch.arange(1, T + 1)
+        self.cumulative_keep = keep
+        self.cumulative_mask = mask
+        self.cumulative_replace = (1 - keep - mask).clamp(min=0.0) / K
+        self.step_keep = torch.cat([torch.ones(1, dtype=f64), a[steps - 1, steps]])
+        self.step_mask = torch.cat([torch.zeros(1, dtype=f64), c[steps - 1, steps]])
+        self.step_replace = torch.cat([torch.zeros(1, dtype=f64), b[steps - 1, steps]])
+        self._place(torch.device("cpu"), torch.float32)
+
+    # ------------------------------------------------------------------ device
+    def _place(self, device, dtype):
+        self.device, self.dtype = torch.device(device), dtype
+        for name, value in self._f64.items():
+            setattr(self, name, value.to(device=self.device, dtype=dtype))
+
+    def to(self, device=None, dtype=None) -> "Schedule":
+        """Return a copy whose working tables live on ``device`` in ``dtype``."""
+        new = object.__new__(Schedule)
+        new.__dict__.update(self.__dict__)
+        new._place(self.device if device is None else device, self.dtype if dtype is None else dtype)
+        return new
+
+    # ----------------------------------------------------------------- helpers
+    def _times(self, t, batch: int) -> torch.Tensor:
+        """int or (B,) tensor -> (B,) long tensor on the working device."""
+        if not torch.is_tensor(t):
+            t = torch.tensor(int(t))
+        t = t.to(device=self.device, dtype=torch.long)
+        return t.expand(batch) if t.dim() == 0 else t
+
+    def _pair(self, name: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Table ``name`` at (s, t) per batch item, shaped (B, 1, 1) for broadcasting."""
+        return getattr(self, name)[s, t].view(-1, 1, 1)
+
+    def _push(self, log_x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Push a distribution over K+1 states at time s forward to time t (exact).
+
+        Real target j: a·x_j + b·(mass on real states); mask: c·(real mass) + x_mask.
+        """
+        K = self.num_classes
+        log_real, log_maskp = log_x[:, :K], log_x[:, K:]
+        log_real_mass = torch.logsumexp(log_real, dim=1, keepdim=True)
+        out_real = torch.logaddexp(log_real + self._pair("log_a", s, t), log_real_mass + self._pair("log_b", s, t))
+        out_mask = torch.logaddexp(log_real_mass + self._pair("log_c", s, t), log_maskp)
+        return torch.cat([out_real, out_mask], dim=1).clamp(LOG_ZERO, 0.0)
+
+    # ----------------------------------------------------------------- forward
+    def log_q_xt_given_x0(self, log_x0: torch.Tensor, t) -> torch.Tensor:
+        """q(x_t | x0) for (B, K+1, L) log-probs of x0 -> (B, K+1, L) at time t."""
+        t = self._times(t, log_x0.shape[0])
+        return self._push(log_x0, torch.zeros_like(t), t)
+
+    def log_q_xt_given_xtm1(self, log_xtm1: torch.Tensor, t) -> torch.Tensor:
+        """One-step kernel q(x_t | x_{t-1}) applied to (B, K+1, L) log-probs at t-1."""
+        t = self._times(t, log_xtm1.shape[0])
+        return self._push(log_xtm1, t - 1, t)
+
+    def q_sample(self, x0: torch.Tensor, t, generator: torch.Generator) -> torch.Tensor:
+        """Draw x_t ~ q(x_t | x0) for (B, L) real tokens; returns (B, L) long.
+
+        Exact and cheap: with one uniform number per position, mask with
+        probability γ̄_t, else draw a uniform real token with probability K·β̄_t
+        (this includes x0 itself, giving it ᾱ_t + β̄_t in total), else keep x0.
+        It has the same distribution as Gumbel-max over the K+1 marginal
+        log-probabilities but needs no (B, K+1, L) noise tensor.
+        """
+        B, L = x0.shape
+        K = self.num_classes
+        t = self._times(t, B).cpu()
+        mask_p = self.cumulative_mask[t].view(B, 1)
+        replace_p = (self.cumulative_replace[t] * K).view(B, 1)
+        u = torch.rand((B, L), generator=generator, device=generator.device, dtype=torch.float64)
+        r = torch.randint(0, K, (B, L), generator=generator, device=generator.device)
+        u, r = u.to(x0.device), r.to(x0.device)
+        mask_p, replace_p = mask_p.to(x0.device), replace_p.to(x0.device)
+        out = torch.where(u < mask_p + replace_p, r, x0.long())
+        return torch.where(u < mask_p, torch.full_like(out, self.mask_index), out)
+
+    # ----------------------------------------------------------------- reverse
+    def log_p_prev(self, log_x0: torch.Tensor, x_t: torch.Tensor, t, s=None) -> torch.Tensor:
+        """p(x_s | x_t) = Σ_x0 q(x_s | x_t, x0) p(x0 | x_t), for 0 <= s < t.
+
+        Args:
+            log_x0: (B, K, L) log p(x0 | x_t) over the real classes (the model's
+                prediction, or a log one-hot of the true x0 for the true posterior).
+            x_t: (B, L) long tokens at time t (mask = K).
+            t: int or (B,) long, 1..T.
+            s: int or (B,) long, default t - 1 (one step). Any s < t gives the
+                exact Δ-step posterior; s = 0 returns p(x0 | x_t) itself.
+        Returns:
+            (B, K+1, L) log-probabilities of x_s.
+
+        Evaluated without (K+1)² matrices, using Bayes
+        q(x_s | x_t, x0) = q(x_t | x_s) q(x_s | x0) / q(x_t | x0):
+        (i) w(x0) ∝ p(x0) / q(x_t | x0), with normaliser Z;
+        (ii) push w through q(x_s | x0);
+        (iii) multiply by the likelihood q(x_t | x_s) and by Z.
+        q(x_t | x0) as a function of x0 is (ᾱ_t + β̄_t) at x0 = x_t and β̄_t
+        elsewhere for a real x_t, and γ̄_t everywhere for a masked x_t.
+        """
+        B, K, L = log_x0.shape
+        if K != self.num_classes:
+            raise ValueError(f"log_x0 has {K} classes, schedule has {self.num_classes}")
+        t = self._times(t, B)
+        s = t - 1 if s is None else self._times(s, B)
+        log_x0 = log_x0.to(self.dtype)
+        zero = torch.zeros_like(t)
+        is_mask = (x_t == self.mask_index).unsqueeze(1)  # (B, 1, L)
+        x_real = x_t.clamp(max=K - 1).unsqueeze(1)  # (B, 1, L), any real index at masked spots
+        classes = torch.arange(K, device=log_x0.device).view(1, K, 1)
+        at_xt = (classes == x_real) & ~is_mask  # (B, K, L): x0 == x_t (real x_t only)
+
+        # (i) divide p(x0) by q(x_t | x0) and renormalise.
+        log_qt = torch.where(
+            at_xt,
+            self._pair("log_a_plus_b", zero, t),
+            torch.where(is_mask, self._pair("log_c", zero, t), self._pair("log_b", zero, t)),
+        )
+        v = log_x0 - log_qt
+        log_z = torch.logsumexp(v, dim=1, keepdim=True)
+        w = v - log_z
+        # (ii) push w (all mass on real states) through q(x_s | x0).
+        m_real = torch.logaddexp(w + self._pair("log_a", zero, s), self._pair("log_b", zero, s))
+        m_mask = self._pair("log_c", zero, s).expand(B, 1, L)
+        # (iii) likelihood q(x_t | x_s) over x_s, then restore Z.
+        lik_real = torch.where(
+            at_xt,
+            self._pair("log_a_plus_b", s, t),
+            torch.where(is_mask, self._pair("log_c", s, t), self._pair("log_b", s, t)),
+        )
+        lik_mask = torch.where(is_mask, 0.0, LOG_ZERO).to(self.dtype)
+        out = torch.cat([m_real + lik_real, m_mask + lik_mask], dim=1) + log_z
+        return out.clamp(LOG_ZERO, 0.0)
+
+
+# ---------------------------------------------------------------------- loss
+def vlb_loss(
+    log_x0_pred: torch.Tensor,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    schedule: Schedule,
+    aux_weight: float = 5e-4,
+    pt: torch.Tensor | None = None,
+) -> dict:
+    """The VQ-Diffusion training loss and its named terms.
+
+    Args:
+        log_x0_pred: (B, K, L) model prediction log p_θ(x0 | x_t).
+        x0: (B, L) true tokens; x_t: (B, L) noised tokens; t: (B,) long in 1..T.
+        aux_weight: λ of the auxiliary x0 cross-entropy (5e-4 in the paper).
+        pt: (B,) probability with which each t was drawn (importance
+            sampling); the per-sample loss is divided by it. None = no division.
+
+    Per sample b (sums over the L positions):
+        vlb_b = Σ_L KL(q(x_{t-1}|x_t,x0) ‖ p_θ(x_{t-1}|x_t))  if t > 1
+              = Σ_L -log p_θ(x0 | x_1)                       if t = 1
+        aux_b = Σ_L -log p_θ(x0 | x_t)
+        loss_b = (vlb_b + λ · ((1 - (t-1)/T) + 1) · aux_b) / pt_b
+    The adaptive factor uses the reference code's 0-based step index t-1, so it
+    is 2 at t = 1 and 1 + 1/T at t = T.
+
+    Returns a dict of scalars averaged over batch and positions:
+        ``loss`` (to backpropagate), ``vlb``, ``aux`` (unweighted, no 1/pt),
+    plus ``vlb_per_sample``: (B,) detached vlb_b, for TimestepSampler.update.
+    """
+    B, K, L = log_x0_pred.shape
+    t = schedule._times(t, B)
+    log_x0_pred = log_x0_pred.to(schedule.dtype)
+    log_true = schedule.log_p_prev(log_onehot(x0, K, schedule.dtype), x_t, t)
+    log_model = schedule.log_p_prev(log_x0_pred, x_t, t)
+    kl = (log_true.exp() * (log_true - log_model)).sum(dim=1)  # (B, L)
+    nll = -log_x0_pred.gather(1, x0.long().unsqueeze(1)).squeeze(1)  # (B, L)
+    vlb_b = torch.where((t == 1).view(B, 1), nll, kl).sum(dim=1)
+    aux_b = nll.sum(dim=1)
+    factor = 2.0 - (t - 1).to(log_x0_pred.dtype) / schedule.timesteps
+    total_b = vlb_b + aux_weight * factor * aux_b
+    if pt is not None:
+        total_b = total_b / pt.to(total_b)
+    return {
+        "loss": total_b.mean() / L,
+        "vlb": vlb_b.mean() / L,
+        "aux": aux_b.mean() / L,
+        "vlb_per_sample": vlb_b.detach(),
+    }
+
+
+# ------------------------------------------------------------- timestep sampler
+class TimestepSampler:
+    """Draws training timesteps: uniform first, then loss-aware importance sampling.
+
+    Until every t has been seen more than ``warmup`` (10) times, t is uniform on
+    1..T. Afterwards p_t ∝ sqrt(EMA of L_t²) + ``floor``, where the EMA keeps 0.9
+    of the old value and takes 0.1 of the new. The training loss is divided by
+    p_t (see :func:`vlb_loss`), which keeps it an unbiased estimate.
+
+    State (``state_dict``) is two plain CPU tensors, safe for safetensors:
+    ``loss_sq_ema`` (T,) float64 and ``count`` (T,) int64, indexed by t-1.
+    """
+
+    def __init__(self, timesteps: int, warmup: int = 10, floor: float = 1e-4):
+        self.timesteps = int(timesteps)
+        self.warmup = int(warmup)
+        self.floor = float(floor)
+        self.loss_sq_ema = torch.zeros(self.timesteps, dtype=torch.float64)
+        self.count = torch.zeros(self.timesteps, dtype=torch.int64)
+
+    def probabilities(self) -> torch.Tensor:
+        """(T,) float64 probabilities of t = 1..T used by the next :meth:`sample`."""
+        T = self.timesteps
+        if not bool((self.count > self.warmup).all()):
+            return torch.full((T,), 1.0 / T, dtype=torch.float64)
+        weight = torch.sqrt(self.loss_sq_ema + 1e-10) + self.floor
+        return weight / weight.sum()
+
+    def sample(self, batch: int, generator: torch.Generator, device=None):
+        """Return (t, pt): (B,) long timesteps in 1..T and their (B,) float32 probabilities."""
+        p = self.probabilities()
+        if generator.device.type != "cpu":
+            raise ValueError("TimestepSampler.sample needs a CPU generator")
+        index = torch.multinomial(p, batch, replacement=True, generator=generator)
+        t, pt = index + 1, p[index].to(torch.float32)
+        return t.to(device or "cpu"), pt.to(device or "cpu")
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Fold per-sample losses L (B,) observed at timesteps t (B,) into the EMA.
+
+        Samples are applied in batch order, so repeated t in one batch give a
+        deterministic result.
+        """
+        t = t.detach().long().cpu().view(-1)
+        losses = losses.detach().to(torch.float64).cpu().view(-1)
+        if t.numel() != losses.numel():
+            raise ValueError("update needs one loss per timestep")
+        for ti, li in zip(t.tolist(), losses.tolist()):
+            if not 1 <= ti <= self.timesteps or not math.isfinite(li):
+                continue
+            i = ti - 1
+            self.loss_sq_ema[i] = 0.9 * self.loss_sq_ema[i] + 0.1 * li * li
+            self.count[i] += 1
+
+    def state_dict(self) -> dict:
+        return {"loss_sq_ema": self.loss_sq_ema.clone(), "count": self.count.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            ema, count = state["loss_sq_ema"], state["count"]
+        except KeyError as err:
+            raise UserError(f"timestep sampler state is missing {err.args[0]!r}; the checkpoint is incomplete") from None
+        if ema.shape != (self.timesteps,) or count.shape != (self.timesteps,):
+            raise UserError(
+                f"timestep sampler state has {ema.shape[0]} timesteps, the model uses {self.timesteps}"
+            )
+        self.loss_sq_ema = ema.detach().to(torch.float64).cpu().clone()
+        self.count = count.detach().to(torch.int64).cpu().clone()
