@@ -1,0 +1,115 @@
+"""The denoising transformer: paper-size parameter counts (on the meta device),
+output shapes and normalisation, conditioning is wired, bf16 autocast."""
+
+import inspect
+
+import pytest
+import torch
+
+import clipvqd.transformer as transformer
+from clipvqd.errors import UserError
+from clipvqd.transformer import Denoiser, DenoiserConfig
+
+PAPER = dict(num_classes=4096, height=16, width=16, layers=24, dim=512, heads=16, cond_dim=512, timesteps=100)
+
+
+def expected_params(K, h, w, layers, D, cond, T, mlp, ratio=4):
+    """Parameter count written out from the architecture description."""
+    attn = D * 3 * D + 3 * D + D * D + D
+    ada_t = T * D + D * 2 * D + 2 * D
+    ada_c = cond * D + D + D * 2 * D + 2 * D
+    if mlp == "conv":
+        mlp_n = D * ratio * D * 9 + ratio * D + ratio * D * D * 9 + D
+    else:
+        mlp_n = D * ratio * D + ratio * D + ratio * D * D + D
+    per_block = attn + ada_t + ada_c + mlp_n
+    embeds = (K + 1) * D + h * D + w * D
+    head = 2 * D + D * K + K
+    return layers * per_block + embeds + head + cond
+
+
+@pytest.mark.parametrize("mlp,paper_count", [("conv", 515e6), ("linear", 113e6)])
+def test_paper_parameter_count(mlp, paper_count):
+    with torch.device("meta"):
+        model = Denoiser(DenoiserConfig(mlp=mlp, **PAPER))
+    n = sum(p.numel() for p in model.parameters())
+    assert n == expected_params(4096, 16, 16, 24, 512, 512, 100, mlp)
+    assert abs(n - paper_count) / paper_count < 0.02, n
+
+
+def tiny(mlp="conv", **kw):
+    cfg = dict(num_classes=11, height=3, width=4, layers=2, dim=32, heads=4, cond_dim=8, timesteps=10, mlp=mlp)
+    cfg.update(kw)
+    return DenoiserConfig(**cfg)
+
+
+@pytest.mark.parametrize("mlp", ["conv", "linear"])
+def test_output_shape_and_normalisation(mlp):
+    torch.manual_seed(0)
+    cfg = tiny(mlp)
+    model = Denoiser(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    B = 5
+    tokens = torch.randint(0, cfg.num_classes + 1, (B, cfg.seq_len), generator=gen)
+    t = torch.randint(1, cfg.timesteps + 1, (B,), generator=gen)
+    cond = torch.randn(B, cfg.cond_dim, generator=gen)
+    out = model(tokens, t, cond)
+    assert out.shape == (B, cfg.num_classes, cfg.seq_len) and out.dtype == torch.float32
+    assert torch.allclose(out.logsumexp(dim=1), torch.zeros(B, cfg.seq_len), atol=1e-5)
+    assert (out <= 0).all()
+    # batch items are independent
+    assert torch.allclose(model(tokens[:2], t[:2], cond[:2]), out[:2], atol=1e-5)
+
+
+def test_conditioning_time_and_all_positions_are_used():
+    torch.manual_seed(1)
+    cfg = tiny("conv")
+    model = Denoiser(cfg).eval()
+    with torch.no_grad():  # the zero-initialised-bias defaults make the effects small; enlarge them
+        for p in model.parameters():
+            p.mul_(10)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.num_classes + 1, (2, cfg.seq_len), generator=gen)
+    t = torch.tensor([3, 7])
+    cond = torch.randn(2, cfg.cond_dim, generator=gen)
+    base = model(tokens, t, cond)
+    assert not torch.allclose(model(tokens, t + 1, cond), base, atol=1e-4)
+    assert not torch.allclose(model(tokens, t, cond + 1), base, atol=1e-4)
+    # non-causal: changing the last token changes the first position's output
+    changed = tokens.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % (cfg.num_classes + 1)
+    assert not torch.allclose(model(changed, t, cond)[:, :, 0], base[:, :, 0], atol=1e-4)
+
+
+def test_init_and_null_condition():
+    torch.manual_seed(2)
+    model = Denoiser(tiny("linear", dim=64, layers=4))
+    w = torch.cat([m.weight.detach().flatten() for m in model.modules() if isinstance(m, torch.nn.Linear)])
+    assert abs(float(w.std()) - 0.02) < 0.002
+    assert all(float(m.bias.abs().max()) == 0 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    null = model.null_condition(3)
+    assert null.shape == (3, 8) and torch.allclose(null.norm(dim=1), torch.ones(3))
+    assert torch.equal(model.null_condition(2, normalized=False)[0], model.null_cond.detach())
+    assert float(model.null_cond.detach().std()) > 0.3  # random-normal init, not N(0, 0.02)
+
+
+def test_bf16_autocast():
+    torch.manual_seed(3)
+    cfg = tiny("conv")
+    model = Denoiser(cfg).eval()
+    tokens = torch.randint(0, cfg.num_classes + 1, (2, cfg.seq_len))
+    t, cond = torch.tensor([1, 10]), torch.randn(2, cfg.cond_dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens, t, cond)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.logsumexp(dim=1), torch.zeros(2, cfg.seq_len), atol=1e-4)
+    assert torch.allclose(out, model(tokens, t, cond), atol=0.1)
+
+
+def test_config_errors_and_independence_from_diffusion():
+    with pytest.raises(UserError):
+        tiny(mlp="mixer")
+    with pytest.raises(UserError):
+        tiny(dim=30, heads=4)
+    imports = [line for line in inspect.getsource(transformer).splitlines() if line.startswith(("import", "from"))]
+    assert imports and not any("diffusion" in line for line in imports)
