@@ -101,8 +101,7 @@ class DiffusionConfig:
     keep_end: float = knob(0.000009, "cumulative keep probability at t=T", gt=0, le=1)
     mask_start: float = knob(0.000009, "cumulative mask probability at t=1", gt=0, le=1)
     mask_end: float = knob(0.99999, "cumulative mask probability at t=T", gt=0, le=1)
-    aux_weight: float = knob(5e-4, "weight of the auxiliary x0 cross-entropy", ge=0)
-    adaptive_aux: bool = knob(True, "scale the auxiliary loss by (1 - t/T) + 1")
+    aux_weight: float = knob(5e-4, "weight of the auxiliary x0 cross-entropy (scaled by 2 - t/T)", ge=0)
 
 
 @dataclass(frozen=True)

@@ -211,3 +211,35 @@ class RunLog:
             self._bar.stop()
         if self.enabled:
             self._fh.close()
+
+
+def shard(count: int, rank: int, world: int) -> torch.Tensor:
+    """The indices of a data set that process ``rank`` of ``world`` reads: rank, rank+world, ..."""
+    if count < world:
+        raise UserError(f"the data set has {count} items, fewer than the {world} processes")
+    return torch.arange(rank, count, world)
+
+
+def batch_indices(indices: torch.Tensor, batch: int, seed: int, step: int, rank: int, micro: int = 0) -> torch.Tensor:
+    """The items of one micro-batch: drawn with replacement from this process's
+    shard by the step's own generator, so resuming at any step repeats exactly."""
+    g = step_generator(seed, step, rank, salt=1000 + micro)
+    return indices[torch.randint(len(indices), (batch,), generator=g)]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch sampler for a DataLoader: the index lists of steps ``start..total-1``
+    (``micro`` micro-batches each), so decoding can run in worker processes."""
+
+    def __init__(self, indices, batch, seed, start, total, rank, micro=1):
+        self.args = (indices, batch, seed, rank)
+        self.start, self.total, self.micro = start, total, micro
+
+    def __iter__(self):
+        indices, batch, seed, rank = self.args
+        for step in range(self.start, self.total):
+            for m in range(self.micro):
+                yield batch_indices(indices, batch, seed, step, rank, m).tolist()
+
+    def __len__(self):
+        return (self.total - self.start) * self.micro

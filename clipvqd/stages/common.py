@@ -1,0 +1,48 @@
+"""Small pieces several stages share: the device, the configured CLIP, the
+data section with its path resolved against the project folder."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from clipvqd.config import Config
+from clipvqd.errors import UserError
+from clipvqd.project import Project
+
+
+def device_of(config: Config) -> torch.device:
+    """The device of a non-training stage (tokenize, sample, rerank, eval)."""
+    if config.project.threads:
+        torch.set_num_threads(config.project.threads)
+    choice = config.project.device
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("project.device = 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def autocast(config: Config, device: torch.device):
+    """Autocast for inference as ``project.mixed_precision`` asks (a no-op for 'no')."""
+    mp = config.project.mixed_precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def configured_clip(config: Config, project: Project, device):
+    """The CLIP named by ``[clip]``; a relative weights path resolves against the project."""
+    from clipvqd.clip import load_clip
+
+    pretrained = config.clip.pretrained
+    if pretrained and (Path(pretrained).suffix or "/" in pretrained):
+        pretrained = str(project.resolve(pretrained))
+    return load_clip(config.clip.model, pretrained, device)
+
+
+def resolved_data(config: Config, project: Project):
+    """The [data] section with its path made absolute against the project folder."""
+    data = config.data
+    return dataclasses.replace(data, path=str(project.resolve(data.path))) if data.path else data

@@ -1,0 +1,181 @@
+"""`clipvqd train-diffusion`: learn p(x0 | x_t, CLIP image embedding) from
+tokens/ alone (never images, never CLIP, never a caption).
+
+The same loop serves `finetune-cfg` (see finetune_cfg.py), which starts from
+diffusion/model.safetensors and drops the condition with probability p.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipvqd import checkpoint
+from clipvqd.conditioning import drop_condition, pseudo_text_embedding
+from clipvqd.config import Config, config_to_dict
+from clipvqd.diffusion import Schedule, TimestepSampler, vlb_loss
+from clipvqd.errors import UserError
+from clipvqd.models import denoiser_config
+from clipvqd.project import Project, StageDir
+from clipvqd.training import (
+    EMA, Checkpointer, RunLog, batch_indices, check_finite, lr_factor, make_accelerator, set_lr, shard,
+    step_generator,
+)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What differs between train-diffusion and finetune-cfg."""
+
+    title: str
+    stage: StageDir
+    steps: int
+    batch_size: int
+    lr: float
+    scale_lr: bool
+    warmup_steps: int
+    log_every: int
+    save_every: int
+    drop_prob: float  # 0 for the base training
+    init_from: Path | None  # weights to start from (finetune-cfg)
+    extra_meta: dict
+
+
+def load_tokens(config: Config, project: Project) -> tuple[np.ndarray, np.ndarray, dict]:
+    """codes (N, L) uint16 and embeddings (N, d) float16, checked against the config and the VQ."""
+    folder = project.tokens
+    meta_path = project.require(folder / "meta.json", "tokens")
+    meta = json.loads(meta_path.read_text())
+    if meta["codebook_size"] != config.vq.codebook_size:
+        raise UserError(
+            f"tokens/ hold codes of a {meta['codebook_size']}-entry codebook but vq.codebook_size = "
+            f"{config.vq.codebook_size}: rerun `clipvqd train-vq` and `clipvqd tokenize`, or fix the config"
+        )
+    if project.vq.model.exists() and checkpoint.file_sha256(project.vq.model) != meta["vq_sha256"]:
+        raise UserError("tokens/ were made by another VQ than vq/model.safetensors: rerun `clipvqd tokenize`")
+    codes = np.load(folder / "codes.npy", allow_pickle=False)
+    embeds = np.load(folder / "clip.npy", allow_pickle=False)
+    if codes.shape[0] != meta["count"] or embeds.shape[0] != meta["count"]:
+        raise UserError("tokens/ is incomplete (array sizes differ from meta.json): rerun `clipvqd tokenize`")
+    return codes, embeds, meta
+
+
+def base_settings(config: Config, project: Project) -> LoopSettings:
+    td = config.train_diffusion
+    return LoopSettings(
+        "train-diffusion", project.diffusion, td.steps, td.batch_size, td.lr, td.scale_lr, td.warmup_steps,
+        td.log_every, td.save_every, drop_prob=0.0, init_from=None, extra_meta={"cfg_trained": False},
+    )
+
+
+def run(config: Config, project: Project) -> dict:
+    return train(config, project, base_settings(config, project))
+
+
+def train(config: Config, project: Project, s: LoopSettings) -> dict:
+    from clipvqd.transformer import Denoiser
+
+    td = config.train_diffusion
+    seed = config.project.seed
+    acc = make_accelerator(config.project)
+    codes_np, embeds_np, meta = load_tokens(config, project)
+    torch.manual_seed(seed)  # weight init only
+    model = Denoiser(denoiser_config(config, tuple(meta["grid"]), meta["embed_dim"]))
+    if s.init_from is not None:
+        state, init_meta = checkpoint.load_model(s.init_from, "diffusion")
+        if init_meta["config"] != asdict(model.cfg):
+            raise UserError(f"{s.init_from} was trained with another [transformer] or [vq] configuration: "
+                            "rerun `clipvqd train-diffusion` with the current config")
+        model.load_state_dict(state)
+    schedule = Schedule(config.vq.codebook_size, **_schedule_args(config)).to(acc.device)
+    sampler = TimestepSampler(config.diffusion.timesteps)
+    global_batch = s.batch_size * config.project.grad_accum * acc.num_processes
+    peak_lr = s.lr * global_batch if s.scale_lr else s.lr
+    optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.96), weight_decay=td.weight_decay)
+    ema = EMA(model, td.ema_decay) if td.ema_decay > 0 else None
+
+    ckpt = Checkpointer(s.stage.root, acc)
+    modules = {"model": model, "sampler": sampler, **({"ema": ema} if ema else {})}
+    start, _, resumed_from = ckpt.resume(modules, {"opt": optimizer})
+    model, optimizer = acc.prepare(model, optimizer)
+    if acc.is_main_process:
+        s.stage.root.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_text(s.stage.config, json.dumps(config_to_dict(config), indent=2))
+
+    mine = shard(len(codes_np), acc.process_index, acc.num_processes)
+    codes = torch.from_numpy(codes_np[mine.numpy()].astype(np.int64)).to(acc.device)
+    embeds = torch.from_numpy(embeds_np[mine.numpy()].astype(np.float32)).to(acc.device)
+    local = torch.arange(len(mine))
+    runlog = RunLog(s.stage.log, s.title, s.steps, start, s.log_every, enabled=acc.is_main_process)
+    if resumed_from:
+        runlog.event(f"resumed from {resumed_from.name}")
+    started = time.perf_counter()
+    terms: dict[str, float] = {}
+    raw = acc.unwrap_model(model)
+    for step in range(start, s.steps):
+        lr = peak_lr * lr_factor(step, s.warmup_steps, s.steps)
+        set_lr(optimizer, lr)
+        for micro in range(config.project.grad_accum):
+            idx = batch_indices(local, s.batch_size, seed, step, acc.process_index, micro).to(acc.device)
+            g_cpu = step_generator(seed, step, acc.process_index, salt=micro)
+            g_dev = step_generator(seed, step, acc.process_index, salt=100 + micro, device=acc.device)
+            x0 = codes[idx]
+            cond = pseudo_text_embedding(embeds[idx], td.alpha, g_dev)
+            if s.drop_prob > 0:
+                cond = drop_condition(cond, F.normalize(raw.null_cond, dim=-1), s.drop_prob, g_dev)
+            t, pt = sampler.sample(len(idx), g_cpu, acc.device)
+            x_t = schedule.q_sample(x0, t, g_dev)
+            with acc.accumulate(model):
+                with acc.autocast():
+                    log_x0 = model(x_t, t, cond)
+                out = vlb_loss(log_x0.float(), x0, x_t, t, schedule, _aux_weight(config), pt)
+                acc.backward(out["loss"])
+                if acc.sync_gradients and td.grad_clip > 0:
+                    acc.clip_grad_norm_(model.parameters(), td.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            all_t, all_vlb = acc.gather((t, out["vlb_per_sample"].float()))
+            sampler.update(all_t, all_vlb)
+        terms = {"loss": float(out["loss"].detach()), "vlb": float(out["vlb"].detach()),
+                 "aux": float(out["aux"].detach()), "lr": lr}
+        check_finite(terms, step + 1, s.stage.root)
+        if ema is not None:
+            ema.update(raw)
+        runlog.step(step + 1, terms)
+        done = step + 1
+        if done % s.save_every == 0 or done == s.steps:
+            ckpt.save(done, modules, {"opt": optimizer})
+    elapsed = time.perf_counter() - started
+    runlog.close()
+
+    weights = ema.weights_for(raw) if ema else raw.state_dict()
+    if acc.is_main_process:
+        extra = {"diffusion": config_to_dict(config.diffusion), "tokens": {k: meta[k] for k in ("vq_sha256", "clip")},
+                 "alpha": td.alpha, **s.extra_meta}
+        checkpoint.save_model(s.stage.model, weights, "diffusion", asdict(raw.cfg), extra)
+    acc.wait_for_everyone()
+    trained = s.steps - start
+    return {
+        "model": str(s.stage.model),
+        "steps": f"{s.steps} ({'already finished' if trained == 0 else f'{trained} this run'}"
+                 + (f", resumed from step {start})" if start else ")"),
+        "loss": terms.get("loss", float("nan")),
+        "processes": acc.num_processes,
+        "steps/s": trained / elapsed if trained else 0.0,
+    }
+
+
+def _schedule_args(config: Config) -> dict:
+    d = config.diffusion
+    return dict(timesteps=d.timesteps, keep_start=d.keep_start, keep_end=d.keep_end,
+                mask_start=d.mask_start, mask_end=d.mask_end)
+
+
+def _aux_weight(config: Config) -> float:
+    return config.diffusion.aux_weight

@@ -1,0 +1,129 @@
+"""`clipvqd train-vq`: train the Gumbel VQ-GAN tokenizer on the image source.
+
+Writes vq/model.safetensors (usable with nothing else), config.json, log.jsonl,
+previews/ (originals over reconstructions) and resumable checkpoints/.
+Rerunning resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from clipvqd import checkpoint
+from clipvqd.config import Config, config_to_dict
+from clipvqd.data import make_grid, open_images, save_png
+from clipvqd.models import vq_config
+from clipvqd.project import Project
+from clipvqd.stages.common import resolved_data
+from clipvqd.training import (
+    EMA, Checkpointer, RunLog, StepBatches, check_finite, make_accelerator, set_lr, shard, step_generator,
+)
+from clipvqd.vqgan import GumbelVQGAN, tau_at
+from clipvqd.vqgan_loss import VQLoss
+
+PREVIEW_COUNT = 8
+
+
+def run(config: Config, project: Project) -> dict:
+    tc = config.train_vq
+    acc = make_accelerator(config.project)
+    torch.manual_seed(config.project.seed)  # weight init only; every later draw has its own generator
+    images = open_images(resolved_data(config, project))
+    model = GumbelVQGAN(vq_config(config))
+    loss_fn = VQLoss(
+        l1_weight=tc.l1_weight, perceptual_weight=tc.perceptual_weight,
+        perceptual_weights=str(project.resolve(tc.perceptual_weights)) if tc.perceptual_weights else None,
+        disc_weight=tc.disc_weight, disc_start=tc.disc_start, disc_channels=tc.disc_channels,
+    )
+    global_batch = tc.batch_size * config.project.grad_accum * acc.num_processes
+    lr = tc.lr * global_batch if tc.scale_lr else tc.lr
+    opt_g = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
+    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
+
+    stage = project.vq
+    ckpt = Checkpointer(stage.root, acc)
+    modules = {"model": model, "disc": loss_fn.discriminator, **({"ema": ema} if ema else {})}
+    start, _, resumed_from = ckpt.resume(modules, {"g": opt_g, "d": opt_d})
+    model, disc, opt_g, opt_d = acc.prepare(model, loss_fn.discriminator, opt_g, opt_d)
+    loss_fn.discriminator = disc
+    if loss_fn.perceptual is not None:
+        loss_fn.perceptual.to(acc.device)
+    if acc.is_main_process:
+        stage.root.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_text(stage.config, json.dumps(config_to_dict(config), indent=2))
+
+    mine = shard(len(images), acc.process_index, acc.num_processes)
+    sampler = StepBatches(mine, tc.batch_size, config.project.seed, start, tc.steps, acc.process_index,
+                          config.project.grad_accum)
+    loader = torch.utils.data.DataLoader(images, batch_sampler=sampler, num_workers=config.project.num_workers)
+    preview = torch.stack([images[i] for i in range(min(PREVIEW_COUNT, len(images)))])
+    runlog = RunLog(stage.log, "train-vq", tc.steps, start, tc.log_every, enabled=acc.is_main_process)
+    if resumed_from:
+        runlog.event(f"resumed from {resumed_from.name}")
+    batches = iter(loader)
+    terms: dict[str, float] = {}
+    started = time.perf_counter()
+    last_layer = acc.unwrap_model(model).last_layer_weight
+    for step in range(start, tc.steps):
+        tau = tau_at(step, tc.steps, config.vq.tau_start, config.vq.tau_end)
+        set_lr(opt_g, lr)
+        set_lr(opt_d, lr)
+        for micro in range(config.project.grad_accum):
+            x = next(batches).to(acc.device)
+            gen = step_generator(config.project.seed, step, acc.process_index, salt=micro, device=acc.device)
+            with acc.accumulate(model, disc):
+                with acc.autocast():
+                    recon, info = model(x, tau, gen)
+                    g_terms = loss_fn.generator_step(x, recon.float(), info["kl"].float(), step, last_layer())
+                acc.backward(g_terms["total"])
+                opt_g.step()
+                opt_g.zero_grad(set_to_none=True)
+                d_terms = {}
+                if loss_fn.gan_active(step):
+                    with acc.autocast():
+                        d_terms = loss_fn.discriminator_step(x, recon.float(), step)
+                    acc.backward(d_terms["d_loss"])
+                    opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+        terms = {k: float(v.detach()) for k, v in {**g_terms, **d_terms}.items()}
+        terms.update(usage=info["usage"], perplexity=info["perplexity"], tau=tau, lr=lr)
+        check_finite(terms, step + 1, stage.root)
+        if ema is not None:
+            ema.update(acc.unwrap_model(model))
+        runlog.step(step + 1, terms)
+        done = step + 1
+        if done % tc.save_every == 0 or done == tc.steps:
+            ckpt.save(done, modules, {"g": opt_g, "d": opt_d})
+        if acc.is_main_process and (done % tc.preview_every == 0 or done == tc.steps):
+            _preview(acc.unwrap_model(model), preview, stage.previews / f"step-{done:07d}.png", acc.device)
+    elapsed = time.perf_counter() - started
+    runlog.close()
+
+    final = acc.unwrap_model(model)
+    weights = ema.weights_for(final) if ema else final.state_dict()
+    if acc.is_main_process:
+        checkpoint.save_model(stage.model, weights, "vq", final.cfg.to_dict())
+    acc.wait_for_everyone()
+    trained = tc.steps - start
+    return {
+        "model": str(stage.model),
+        "steps": f"{tc.steps} ({'already finished' if trained == 0 else f'{trained} this run'}"
+                 + (f", resumed from step {start})" if start else ")"),
+        "l1": terms.get("l1", float("nan")),
+        "codebook usage (last batch)": terms.get("usage", float("nan")),
+        "perplexity (last batch)": terms.get("perplexity", float("nan")),
+        "steps/s": trained / elapsed if trained else 0.0,
+    }
+
+
+@torch.no_grad()
+def _preview(model: GumbelVQGAN, images: torch.Tensor, path, device) -> None:
+    was_training = model.training
+    model.eval()
+    recon = model.decode(model.encode(images.to(device))).clamp(-1, 1).cpu()
+    model.train(was_training)
+    save_png(make_grid(torch.cat([images, recon]), nrow=len(images)), path)
