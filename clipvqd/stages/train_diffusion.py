@@ -102,7 +102,7 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
 
     ckpt = Checkpointer(s.stage.root, acc)
     modules = {"model": model, "sampler": sampler, **({"ema": ema} if ema else {})}
-    start, _, resumed_from = ckpt.resume(modules, {"opt": optimizer})
+    start, _, _ = ckpt.resume(modules, {"opt": optimizer})
     model, optimizer = acc.prepare(model, optimizer)
     if acc.is_main_process:
         s.stage.root.mkdir(parents=True, exist_ok=True)
@@ -113,8 +113,6 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
     embeds = torch.from_numpy(embeds_np[mine.numpy()].astype(np.float32)).to(acc.device)
     local = torch.arange(len(mine))
     runlog = RunLog(s.stage.log, s.title, s.steps, start, s.log_every, enabled=acc.is_main_process)
-    if resumed_from:
-        runlog.event(f"resumed from {resumed_from.name}")
     started = time.perf_counter()
     terms: dict[str, float] = {}
     raw = acc.unwrap_model(model)

@@ -47,7 +47,7 @@ def run(config: Config, project: Project) -> dict:
     stage = project.vq
     ckpt = Checkpointer(stage.root, acc)
     modules = {"model": model, "disc": loss_fn.discriminator, **({"ema": ema} if ema else {})}
-    start, _, resumed_from = ckpt.resume(modules, {"g": opt_g, "d": opt_d})
+    start, _, _ = ckpt.resume(modules, {"g": opt_g, "d": opt_d})
     model, disc, opt_g, opt_d = acc.prepare(model, loss_fn.discriminator, opt_g, opt_d)
     loss_fn.discriminator = disc
     if loss_fn.perceptual is not None:
@@ -62,8 +62,6 @@ def run(config: Config, project: Project) -> dict:
     loader = torch.utils.data.DataLoader(images, batch_sampler=sampler, num_workers=config.project.num_workers)
     preview = torch.stack([images[i] for i in range(min(PREVIEW_COUNT, len(images)))])
     runlog = RunLog(stage.log, "train-vq", tc.steps, start, tc.log_every, enabled=acc.is_main_process)
-    if resumed_from:
-        runlog.event(f"resumed from {resumed_from.name}")
     batches = iter(loader)
     terms: dict[str, float] = {}
     started = time.perf_counter()

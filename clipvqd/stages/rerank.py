@@ -1,0 +1,83 @@
+"""`clipvqd rerank`: keep the best K samples per prompt by CLIP score (raw
+cosine between the L2-normalised image and text embeddings, as the paper).
+
+reranked/<name>/ holds the kept PNGs and scores.jsonl (file, prompt, seed,
+clip_score, rank). `clipvqd sample --rerank` calls :func:`keep_best` inline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from clipvqd import checkpoint
+from clipvqd.config import Config
+from clipvqd.data import load_image_file
+from clipvqd.errors import UserError
+from clipvqd.project import Project
+from clipvqd.stages.common import configured_clip, device_of
+
+
+def read_index(samples_dir: Path) -> list[dict]:
+    index = Path(samples_dir) / "index.jsonl"
+    if not Path(samples_dir).is_dir():
+        raise UserError(f"{samples_dir}: no such samples folder (make one with `clipvqd sample`)")
+    if not index.is_file():
+        raise UserError(f"{samples_dir} has no index.jsonl: it was not written by `clipvqd sample` (rerun it)")
+    rows = []
+    for n, line in enumerate(index.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(f"{index}: line {n} is not JSON; rerun `clipvqd sample`") from None
+    return rows
+
+
+def keep_best(project: Project, samples_dir: Path, rows: list[dict], keep: int) -> Path:
+    """Copy the ``keep`` highest-scoring images of each prompt to reranked/<name>/."""
+    out = project.reranked(Path(samples_dir).name)
+    if out.exists():
+        shutil.rmtree(out)
+    kept = []
+    for prompt in dict.fromkeys(r["prompt"] for r in rows):
+        best = sorted((r for r in rows if r["prompt"] == prompt), key=lambda r: -r["clip_score"])[:keep]
+        for rank, r in enumerate(best):
+            (out / Path(r["file"]).parent).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(samples_dir) / r["file"], out / r["file"])
+            kept.append({**r, "rank": rank})
+    checkpoint.atomic_write_text(out / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    return out
+
+
+def run(config: Config, project: Project, samples_dir: Path) -> dict:
+    samples_dir = Path(samples_dir)
+    rows = read_index(samples_dir)
+    device = device_of(config)
+    clip = configured_clip(config, project, device)
+    text_prompts = sorted({r["prompt"] for r in rows if not r["prompt"].startswith("image:")})
+    text = dict(zip(text_prompts, clip.embed_texts(text_prompts).float())) if text_prompts else {}
+    missing = [r for r in rows if not (samples_dir / r["file"]).is_file()]
+    if missing:
+        raise UserError(f"{samples_dir / missing[0]['file']} is listed in index.jsonl but missing; rerun `clipvqd sample`")
+    rescored = []
+    for r in rows:
+        if r["prompt"] in text:
+            image = load_image_file(samples_dir / r["file"], _side(samples_dir / r["file"])).unsqueeze(0)
+            r = {**r, "clip_score": round(float((clip.embed_images(image).float()[0] * text[r["prompt"]]).sum()), 6)}
+        rescored.append(r)
+    out = keep_best(project, samples_dir, rescored, config.rerank.keep)
+    prompts = len({r["prompt"] for r in rows})
+    best = [max(r["clip_score"] for r in rescored if r["prompt"] == p) for p in {r["prompt"] for r in rescored}]
+    return {"reranked": str(out), "prompts": prompts, "kept per prompt": config.rerank.keep,
+            "mean best CLIP score (cosine)": sum(best) / len(best),
+            "mean CLIP score, all samples": sum(r["clip_score"] for r in rescored) / len(rescored)}
+
+
+def _side(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return min(im.size)
