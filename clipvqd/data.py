@@ -11,7 +11,10 @@ opened, every image is decoded once. Files that cannot be read as an image
 a symlink loop, a broken link, no permission) are left out and reported in ONE
 warning on the ``clipvqd`` logger; a source with no usable image at all is a
 ``UserError``. A valid but tiny image (even 1x1) is kept and upscaled: it is
-a real image, and the warning is for files we could not read.
+a real image, and the warning is for files we could not read. "Over the
+decompression-bomb limit" means PIL refuses it (more than 2 x
+``Image.MAX_IMAGE_PIXELS`` pixels); images between 1x and 2x that limit are
+read, with PIL's own DecompressionBombWarning.
 
 How every image becomes RGB (``decode_rgb``):
 - EXIF orientation is applied first (``ImageOps.exif_transpose``), so photos
@@ -21,7 +24,7 @@ How every image becomes RGB (``decode_rgb``):
 - 16-bit grayscale (modes I;16*, and I, which is how PNG's 16-bit gray can
   arrive) is scaled to 8 bits as round(v * 255 / 65535); PIL's own convert
   would clip every value above 255 to white. 16-bit colour PNGs are already
-  reduced to 8 bits by PIL when it opens them.
+  reduced to 8 bits by PIL when it opens them (it keeps the high byte).
 - Everything else (L, 1, P, CMYK, YCbCr, ...) uses PIL's convert("RGB").
 
 Then the short side is resized to image_size (bicubic; PIL widens the filter
@@ -134,14 +137,21 @@ def load_image_file(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     try:
         image = decode_rgb(path)
     except Exception as error:  # any decoding failure is the file's fault
-        raise UserError(f"cannot read {path} as an image: {_reason(error)}") from error
+        raise UserError(f"cannot read {path} as an image: {_reason(error, path)}") from error
     return pil_to_tensor(resize_center_crop(image, image_size))
 
 
-def _reason(error: BaseException) -> str:
-    """A short one-line description of why a file was rejected."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+def _reason(error: BaseException, path: Path | None = None) -> str:
+    """A short one-line description of why a file was rejected (without
+    repeating the file's full path, which the caller names already)."""
+    if isinstance(error, OSError) and error.strerror:
+        text = error.strerror
+    else:
+        lines = str(error).strip().splitlines()
+        text = lines[0] if lines else ""
+        if path is not None:
+            text = text.replace(f" '{path}'", "").replace(str(path), path.name)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _warn_skipped(where: str, skipped: Sequence[tuple[str, str]], total: int) -> None:
@@ -206,7 +216,7 @@ class FolderImages(torch.utils.data.Dataset):
             # files (OSError, SyntaxError, ValueError, EOFError, struct.error,
             # DecompressionBombError, ...). Each reason is reported below.
             except Exception as error:
-                self.skipped.append((path.relative_to(self.root).as_posix(), _reason(error)))
+                self.skipped.append((path.relative_to(self.root).as_posix(), _reason(error, path)))
             else:
                 self.files.append(path)
         _warn_skipped(str(self.root), self.skipped, len(candidates))
@@ -225,7 +235,7 @@ class FolderImages(torch.utils.data.Dataset):
         try:
             image = decode_rgb(path)
         except Exception as error:  # changed on disk after the source was opened
-            raise UserError(f"{path} could no longer be read as an image: {_reason(error)}") from error
+            raise UserError(f"{path} could no longer be read as an image: {_reason(error, path)}") from error
         return pil_to_tensor(resize_center_crop(image, self.image_size))
 
 
@@ -365,25 +375,30 @@ def _required_path(data: Any) -> Path:
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Float images in [-1, 1], (N, 3, H, W) or (3, H, W) -> uint8 (N, H, W, 3)
     or (H, W, 3). Values outside [-1, 1] are clipped; x -> round((x + 1) * 127.5)."""
-    images = torch.as_tensor(images).detach().to("cpu", torch.float32)
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().float().numpy()
+    images = np.asarray(images, dtype=np.float32)
     if images.ndim not in (3, 4):
-        raise ValueError(f"expected (N, C, H, W) or (C, H, W) images, got shape {tuple(images.shape)}")
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.movedim(-3, -1).numpy()
+        raise ValueError(f"expected (N, C, H, W) or (C, H, W) images, got shape {images.shape}")
+    pixels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(pixels, -3, -1))
 
 
 def from_uint8(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, 3) or (H, W, 3) -> float (N, 3, H, W) or (3, H, W) in [-1, 1]:
-    v -> v / 127.5 - 1, the exact inverse of to_uint8 on uint8 values."""
+    v -> v / 127.5 - 1, the exact inverse of to_uint8 on uint8 values.
+
+    The arithmetic is done in numpy: it is single-threaded, which keeps data
+    loading cheap when torch's thread pool competes for a few busy cores."""
     if isinstance(pixels, torch.Tensor):
-        pixels = pixels.detach().cpu()
-    else:
-        pixels = torch.tensor(np.asarray(pixels))  # a copy: the input may be read-only
-    if pixels.dtype != torch.uint8:
+        pixels = pixels.detach().cpu().numpy()
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8:
         raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
     if pixels.ndim not in (3, 4):
-        raise ValueError(f"expected (N, H, W, C) or (H, W, C) pixels, got shape {tuple(pixels.shape)}")
-    return pixels.movedim(-1, -3).to(torch.float32) / 127.5 - 1.0
+        raise ValueError(f"expected (N, H, W, C) or (H, W, C) pixels, got shape {pixels.shape}")
+    floats = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(floats, -1, -3)))
 
 
 def _as_pixels(images: Any) -> np.ndarray:

@@ -133,6 +133,18 @@ def test_folder_order_is_deterministic(messy):
     assert first == second
 
 
+def test_symlinked_folders_are_followed_once(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (9, 9), (1, 2, 3)).save(outside / "a.png")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "linked").symlink_to(outside)
+    (root / "linked_again").symlink_to(outside)  # same folder twice: read once
+    dataset = open_images(folder(root, image_size=8))
+    assert [p.relative_to(root).as_posix() for p in dataset.files] == ["linked/a.png"]
+
+
 def test_all_bad_folder_is_a_user_error(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.jpg").write_text("nope")
@@ -349,3 +361,17 @@ def test_hf_imagefolder_directory(tmp_path, monkeypatch):
 def test_hf_missing_path_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         open_images(SimpleNamespace(source="hf", path=str(tmp_path / "nowhere"), image_size=8))
+
+
+# --- shapes source ------------------------------------------------------------------
+
+
+def test_shapes_source_is_the_shapes_world_dataset():
+    from clipvqd.shapes.dataset import ShapesImages
+
+    dataset = open_images(SimpleNamespace(source="shapes", path="", image_size=16, count=3, seed=7))
+    assert isinstance(dataset, ShapesImages) and len(dataset) == 3
+    image = dataset[2]
+    assert image.shape == (3, 16, 16) and image.min() >= -1 and image.max() <= 1
+    again = open_images(SimpleNamespace(source="shapes", path="", image_size=16, count=3, seed=7))
+    torch.testing.assert_close(again[2], image)

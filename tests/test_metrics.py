@@ -162,6 +162,7 @@ def test_clip_score_torchmetrics_is_100_times_clamped_cosine():
     got = clip_score_torchmetrics(img, txt)
     np.testing.assert_allclose(got, [100.0, 100 / math.sqrt(2), 0.0], rtol=1e-12)
     assert clip_score_torchmetrics([0.6, 0.8], [1.0, 0.0]) == pytest.approx(60.0)
+    assert clip_score_torchmetrics([0.6, 0.8], [-1.0, 0.0]) == 0.0
 
 
 def test_clip_score_rejects_zero_vectors_and_shape_mismatch():
