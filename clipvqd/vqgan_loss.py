@@ -255,6 +255,23 @@ def adopt_weight(step: int, disc_start: int, value: float = 1.0) -> float:
     return value if step >= disc_start else 0.0
 
 
+def _frozen_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with gradients flowing to ``x`` but not into the module's parameters.
+
+    The generator step must not leave gradients in the discriminator (they
+    would leak into the next discriminator update). A wrapper such as DDP is
+    bypassed (``.module``) so that it does not wait for gradients that never come.
+    """
+    inner = getattr(module, "module", module)
+    flags = [p.requires_grad for p in inner.parameters()]
+    inner.requires_grad_(False)
+    try:
+        return inner(x)
+    finally:
+        for p, flag in zip(inner.parameters(), flags):
+            p.requires_grad_(flag)
+
+
 class VQLoss(nn.Module):
     """All VQ-GAN loss terms; holds the discriminator and (optionally) the VGG.
 
@@ -294,6 +311,7 @@ class VQLoss(nn.Module):
         """Loss terms for the VQ-GAN (generator) update; backprop ``["total"]``.
 
         ``kl`` is the model's already weighted KL term (``info["kl"]``).
+        The discriminator's parameters get no gradient from this step.
         ``last_layer`` (``model.last_layer_weight()``) is needed once the GAN
         is active. Before ``disc_start`` the discriminator is not run at all
         and ``g_loss`` / ``d_weight`` are reported as 0.
@@ -310,7 +328,7 @@ class VQLoss(nn.Module):
         if factor > 0:
             if last_layer is None:
                 raise ValueError("generator_step needs last_layer once the GAN is active")
-            logits_fake = self.discriminator(recon.contiguous())
+            logits_fake = _frozen_forward(self.discriminator, recon.contiguous())
             g_loss = generator_adv_loss(logits_fake)
             if torch.is_grad_enabled() and nll.requires_grad:
                 d_weight = adaptive_weight(nll, g_loss, last_layer, self.disc_weight)

@@ -30,6 +30,16 @@ from clipvqd.vqgan_loss import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convs gain nothing from threads, and on a shared, busy machine
+    OpenMP threads waiting for each other made the overfit test 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(mult=(1, 2, 2), image_size=16, **kw) -> VQGANConfig:
     base = dict(base_channels=8, channel_mult=mult, num_res_blocks=1, attn_resolutions=(image_size // 4,),
                 image_size=image_size, codebook_size=16, embed_dim=6)
@@ -317,6 +327,9 @@ def test_vqloss_generator_and_discriminator_steps():
         after["nll"].item() + expected_w * after["g_loss"].item() + info["kl"].item(), rel=1e-4)
     after["total"].backward()
     assert model.last_layer_weight().grad is not None
+    # the generator step leaves no gradient in the discriminator
+    assert all(p.grad is None for p in loss.discriminator.parameters())
+    assert all(p.requires_grad for p in loss.discriminator.parameters())
 
     ds = loss.discriminator_step(x, recon, step=5)
     assert set(ds) >= {"d_loss", "logits_real", "logits_fake"}
@@ -354,5 +367,5 @@ def test_tiny_vq_overfits_fixed_batch():
         losses.append(l1_loss(recon, x).item())
     with torch.no_grad():
         final = l1_loss(model.decode(model.encode(x)), x).item()
-    print("OVERFIT", losses[0], losses[-1], final)
+    # measured: final / first about 0.17-0.19 for seeds 0-2
     assert final < 0.35 * losses[0], (losses[0], final)
