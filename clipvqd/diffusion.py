@@ -70,7 +70,8 @@ def gumbel_noise(shape, generator: torch.Generator, device, dtype=torch.float32)
     u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float32)
     u = u.to(device=device, dtype=dtype)
     tiny = torch.finfo(dtype).tiny
-    return -torch.log(-torch.log(u.clamp(min=tiny)).clamp(min=tiny))
+    exponential = (-torch.log(u.clamp(min=tiny))).clamp(min=tiny)  # Exp(1), never 0
+    return -torch.log(exponential)
 
 
 def sample_categorical(log_p: torch.Tensor, generator: torch.Generator, dim: int = 1) -> torch.Tensor:
