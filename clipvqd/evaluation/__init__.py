@@ -1,0 +1,1 @@
+"""Helpers of `clipvqd eval`: the judge's aggregation (judging) and the sweep grid (sweep)."""

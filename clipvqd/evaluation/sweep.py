@@ -1,0 +1,75 @@
+"""The `--sweep key=v1,v2` grid over [sample] keys, and the sweep's table and plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+from clipvqd.config import SECTIONS, Config, apply_values
+from clipvqd.errors import UserError
+from clipvqd.plot import line_chart
+
+
+def parse_sweeps(sweeps: list[str]) -> list[tuple[str, list[str]]]:
+    """["guidance=1,2", "sample.truncation=0.8,0.9"] -> [("guidance", ["1", "2"]), ("truncation", [...])]."""
+    keys = {f.name for f in dataclasses.fields(SECTIONS["sample"])}
+    parsed: list[tuple[str, list[str]]] = []
+    for item in sweeps:
+        if "=" not in item:
+            raise UserError(f"--sweep {item!r}: expected key=v1,v2,... (a [sample] key such as guidance)")
+        key, values = (s.strip() for s in item.split("=", 1))
+        if key.startswith("sample."):
+            key = key[len("sample."):]
+        if "." in key or key not in keys:
+            raise UserError(f"--sweep {item!r}: {key!r} is not a [sample] key (valid: {', '.join(sorted(keys))})")
+        if key in (k for k, _ in parsed):
+            raise UserError(f"--sweep: {key} is given twice")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not vals:
+            raise UserError(f"--sweep {item!r}: no values")
+        parsed.append((key, vals))
+    return parsed
+
+
+def grid(config: Config, sweeps: list[tuple[str, list[str]]]) -> list[tuple[dict[str, Any], Config]]:
+    """Every grid point (first key slowest): ({key: typed value}, the config at that point)."""
+    points = []
+    for combo in itertools.product(*[vals for _, vals in sweeps]):
+        values = {f"sample.{k}": v for (k, _), v in zip(sweeps, combo)}
+        point_config = apply_values(config, values, source="--sweep", from_text=True)
+        points.append(({k: getattr(point_config.sample, k) for k, _ in sweeps}, point_config))
+    return points
+
+
+def label(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def markdown_table(points: list[dict], metrics: list[str]) -> str:
+    """One row per grid point: its values, then the chosen metrics."""
+    keys = list(points[0]["values"]) if points else []
+    head = keys + metrics
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in points:
+        cells = [str(p["values"][k]) for k in keys]
+        cells += [_cell(p["metrics"].get(m)) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def plot(points: list[dict], metric: str, title: str):
+    """The metric against the first swept key, one line per combination of the other keys."""
+    keys = list(points[0]["values"])
+    x_key, rest = keys[0], keys[1:]
+    series: dict[str, list] = {}
+    for p in points:
+        name = label({k: p["values"][k] for k in rest}) or metric
+        series.setdefault(name, []).append((p["values"][x_key], p["metrics"].get(metric)))
+    return line_chart(series, title=title, x_label=x_key, y_label=metric)

@@ -1,0 +1,319 @@
+"""`clipvqd eval`: FID, IS, CLIP score and (shapes world) the judge, by protocol.
+
+    clipvqd eval                          # generate what eval.protocol needs, then measure
+    clipvqd eval samples/my-run --clip    # measure an existing samples folder
+    clipvqd eval --sweep guidance=1,3 --sweep truncation=0.8,0.9
+
+Protocols:
+  shapes  both prompt sets of the shapes world, eval.samples_per_prompt each:
+          judge accuracy (in-distribution and held-out; all samples and the
+          CLIP-best per prompt), CLIP score, diversity, FID and IS with the tiny
+          CLIP (FID against fresh renders of the generator's distribution).
+  ffhq64  the paper's 64 prompts, "a photograph of " prefixed, n candidates
+          each: CLIP score of the best per prompt (mean cosine). FID and IS
+          too when eval.reference_path names real images.
+  coco    eval.caption_count random captions of eval.captions_file, one
+          sample each: FID against eval.reference_path, IS, CLIP score.
+
+Writes eval/<name>.json (every number, protocol, counts, resolved config) and
+eval/<name>.md; a sweep writes eval/<name>-sweep.json, .md and .png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipvqd import checkpoint
+from clipvqd.config import Config, config_to_dict
+from clipvqd.data import from_uint8
+from clipvqd.errors import UserError
+from clipvqd.evaluation import judging, sweep as sweeping
+from clipvqd.metrics import clip_score_cosine, clip_score_torchmetrics, feature_statistics, frechet_distance, inception_score
+from clipvqd.project import Project, slug
+from clipvqd.stages.common import configured_clip, device_of
+from clipvqd.stages.rerank import read_index
+
+FFHQ64_PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "ffhq64.txt"
+FFHQ_PREFIX = "a photograph of "
+REFERENCE_SEED_OFFSET = 1_000_003  # shapes reference renders: data.seed + this, never the training seed
+IS_SPLITS = 10
+NUMBER_PREFIX = re.compile(r"^#\d+ ")  # labels numbered to keep sample file names apart
+HEADLINE = ("CLIP score (cosine, paper), best of n", "CLIP score (cosine, paper), all samples",
+            "judge in-distribution, all samples: all named", "judge held-out, all samples: all named",
+            "FID", "IS", "distinct images (share)")
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def _read_lines(path: Path, what: str) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"{what}: no such file {path}")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise UserError(f"{what}: {path} holds no lines")
+    return lines
+
+
+def protocol_prompts(config: Config, project: Project) -> tuple[list[str], int]:
+    """(prompts, samples per prompt) of the configured protocol."""
+    ec = config.eval
+    cap = (lambda items: items[:ec.max_prompts]) if ec.max_prompts else (lambda items: items)
+    if ec.protocol == "shapes":
+        from clipvqd.shapes.prompts import heldout_prompts, in_distribution_prompts
+
+        prompts = [p for p, _ in cap(in_distribution_prompts())] + [p for p, _ in cap(heldout_prompts())]
+        return prompts, ec.samples_per_prompt
+    if ec.protocol == "ffhq64":
+        path = project.resolve(ec.prompts_file) if ec.prompts_file else FFHQ64_PROMPTS
+        lines = _read_lines(path, "eval.prompts_file")
+        return cap([line if line.startswith(FFHQ_PREFIX) else FFHQ_PREFIX + line for line in lines]), ec.samples_per_prompt
+    if not ec.captions_file:
+        raise UserError("the coco protocol needs eval.captions_file: a text file of captions, one a line")
+    captions = _read_lines(project.resolve(ec.captions_file), "eval.captions_file")
+    g = torch.Generator().manual_seed(config.project.seed)
+    if ec.caption_count <= len(captions):
+        picks = torch.randperm(len(captions), generator=g)[:ec.caption_count]
+    else:  # more draws than captions: with replacement
+        picks = torch.randint(len(captions), (ec.caption_count,), generator=g)
+    return cap([captions[int(i)] for i in picks]), 1
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def generate(config: Config, project: Project, folder: str) -> Path:
+    """Sample the protocol's prompts with the project's models into samples/<folder>/ (replaced)."""
+    from clipvqd.stages.sample import Generator, write_samples
+
+    prompts, per_prompt = protocol_prompts(config, project)
+    config = config.replace(**{"sample.n": per_prompt, "sample.name": folder})
+    gen = Generator(config, project)
+    emb = gen.clip.embed_texts(prompts, config.clip.batch_size).float()
+    labels = prompts
+    if len({slug(p, 40) for p in prompts}) < len(prompts):  # file names would collide: number the labels
+        labels = [f"#{i} {p}" for i, p in enumerate(prompts)]
+    out = project.samples(folder)
+    if out.exists():
+        shutil.rmtree(out)
+    write_samples(gen, list(zip(labels, emb)), out, gen.effective_guidance())
+    return out
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _features_kind(config: Config) -> str:
+    kind = config.eval.features
+    return ("clip" if config.clip.model == "shapes" else "inception") if kind == "auto" else kind
+
+
+def shapes_reference(config: Config, project: Project) -> Path:
+    """eval.reference_count fresh renders of the generator's distribution, written once to the cache."""
+    from clipvqd.shapes.dataset import ShapesImages, write_pngs
+
+    folder = project.cache / "shapes-reference"
+    meta = {"seed": config.data.seed + REFERENCE_SEED_OFFSET, "count": config.eval.reference_count,
+            "image_size": config.data.image_size}
+    meta_file = folder / "meta.json"
+    if meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    write_pngs(ShapesImages(meta["seed"], meta["count"], meta["image_size"]), folder / "images")
+    checkpoint.atomic_write_text(meta_file, json.dumps(meta))
+    return folder
+
+
+def _extractor(config: Config, project: Project, clip, device):
+    from clipvqd import fid
+
+    if _features_kind(config) == "inception":
+        return fid.InceptionExtractor(fid.inception_path(project.resolve(config.eval.inception_weights)
+                                                         if config.eval.inception_weights else ""), device)
+    classes = None
+    if config.clip.model == "shapes" or config.eval.protocol == "shapes":
+        from clipvqd.shapes.captions import describe
+        from clipvqd.shapes.world import all_attributes
+
+        classes = [describe(a.as_dict()) for a in all_attributes()]
+    label = "tiny-CLIP" if config.clip.model == "shapes" else f"CLIP {clip.name}"
+    return fid.ClipExtractor(clip, classes, label=label)
+
+
+def _load_pixels(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise UserError(f"{path} is listed in index.jsonl but missing; rerun `clipvqd sample`")
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def evaluate(config: Config, project: Project, samples_dir: Path, rows: list[dict]) -> tuple[dict, list[str]]:
+    """All enabled metrics of one samples folder: (flat metrics, notes)."""
+    from clipvqd import fid
+
+    ec, protocol = config.eval, config.eval.protocol
+    if not rows:
+        raise UserError(f"{samples_dir}/index.jsonl lists no images")
+    device = device_of(config)
+    notes: list[str] = []
+    prompts = [NUMBER_PREFIX.sub("", r["prompt"]) for r in rows]
+    files = [samples_dir / r["file"] for r in rows]
+    shapes = protocol == "shapes"
+    clip = configured_clip(config, project, device)
+    texts = sorted({p for p in prompts if not p.startswith("image:")})
+    text_emb = dict(zip(texts, clip.embed_texts(texts, config.clip.batch_size).float().cpu())) if texts else {}
+
+    cosines, judged, hashes = [], [], []
+    for start in range(0, len(rows), ec.batch_size):
+        pixels = [_load_pixels(f) for f in files[start:start + ec.batch_size]]
+        part = prompts[start:start + ec.batch_size]
+        emb = clip.embed_images(from_uint8(np.stack(pixels)), config.clip.batch_size).float().cpu()
+        for p, e in zip(part, emb):
+            cosines.append(float(clip_score_cosine(e, text_emb[p])) if p in text_emb else float("nan"))
+        hashes += [hashlib.sha1(px.tobytes()).hexdigest() for px in pixels]
+        if shapes and ec.judge:
+            from clipvqd.shapes.judge import judge
+
+            judged += [judge(px) for px in pixels]
+
+    per_prompt = max(prompts.count(p) for p in set(prompts))
+    best = judging.best_per_prompt(prompts, [c if c == c else -2.0 for c in cosines])
+    m: dict = {"images": len(rows), "prompts": len(set(prompts)), "samples per prompt": per_prompt}
+    scored = [i for i, c in enumerate(cosines) if c == c]
+    if ec.clip_score and scored:
+        all_c = np.array([cosines[i] for i in scored])
+        best_c = np.array([cosines[i] for i in best if cosines[i] == cosines[i]])
+        m["CLIP score (cosine, paper), all samples"] = float(all_c.mean())
+        m["CLIP score (cosine, paper), best of n"] = float(best_c.mean())
+        m["CLIP score (x100 clamped, torchmetrics), all samples"] = float(np.maximum(100 * all_c, 0).mean())
+        m["CLIP score (x100 clamped, torchmetrics), best of n"] = float(np.maximum(100 * best_c, 0).mean())
+        m["CLIP model"] = clip.name
+    if shapes and ec.judge:
+        from clipvqd.shapes.captions import parse_prompt
+
+        named = [parse_prompt(p) for p in prompts]
+        m.update(judging.judge_metrics(prompts, named, judged, [c if c == c else -2.0 for c in cosines]))
+        coverage = judging.open_attribute_coverage(prompts, named, judged)
+        if coverage is not None:
+            m["open-attribute coverage (judged)"] = coverage
+    if shapes:
+        m["distinct images (share)"] = judging.distinct_share(hashes)
+        m["distinct images per prompt (mean share)"] = judging.per_prompt_distinct_share(prompts, hashes)
+
+    want_fid = ec.fid and (protocol != "ffhq64" or ec.reference_path)
+    want_is = ec.inception_score and (protocol != "ffhq64" or ec.reference_path)
+    if protocol == "ffhq64" and (ec.fid or ec.inception_score) and not ec.reference_path:
+        notes.append("ffhq64: FID and IS skipped (set eval.reference_path to real images to add them)")
+    if want_fid or want_is:
+        extractor = _extractor(config, project, clip, device)
+        if want_is and getattr(extractor, "class_texts", True) == []:
+            notes.append("IS skipped: CLIP features have no zero-shot classes outside the shapes world")
+            want_is = False
+        features, logits = fid.extract(files, extractor, ec.batch_size, logits=want_is)
+        fid_label = "Inception" if _features_kind(config) == "inception" else extractor.name + " features, not Inception"
+        if want_fid:
+            if ec.reference_path:
+                reference = project.resolve(ec.reference_path)
+            elif shapes:
+                reference = shapes_reference(config, project)
+            else:
+                raise UserError(f"the {protocol} protocol's FID needs eval.reference_path: a folder of real images")
+            mu, sigma, count = fid.reference_statistics(reference, extractor, project.cache, ec.batch_size)
+            if len(features) < 2:
+                raise UserError("FID needs at least 2 generated images")
+            m["FID"] = frechet_distance(*feature_statistics(features), mu, sigma)
+            m["FID features"] = f"clean-fid clean mode, {fid_label}"
+            m["FID reference images"] = count
+        if want_is:
+            splits = min(IS_SPLITS, len(logits))
+            m["IS"], m["IS std"] = inception_score(logits, splits=splits)
+            m["IS kind"] = f"{extractor.is_label}, {splits} splits"
+    return m, notes
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _markdown(title: str, metrics: dict, notes: list[str]) -> str:
+    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _write_report(config: Config, project: Project, name: str, samples_dir: Path, metrics: dict, notes: list[str]) -> Path:
+    path = project.eval_dir / f"{name}.json"
+    report = {"name": name, "protocol": config.eval.protocol, "samples": str(samples_dir),
+              "images": metrics["images"], "metrics": metrics, "notes": notes, "config": config_to_dict(config)}
+    checkpoint.atomic_write_text(path, json.dumps(report, indent=2))
+    checkpoint.atomic_write_text(project.eval_dir / f"{name}.md",
+                                 _markdown(f"eval {name} ({config.eval.protocol})", metrics, notes))
+    return path
+
+
+def _plot_metric(points: list[dict]) -> str:
+    available = set().union(*(p["metrics"] for p in points))
+    preferred = {"shapes": "judge in-distribution, all samples: all named", "ffhq64": "CLIP score (cosine, paper), best of n",
+                 "coco": "FID"}
+    order = [preferred.get(points[0]["protocol"], "")] + list(HEADLINE)
+    return next((k for k in order if k in available), "images")
+
+
+def run_sweep(config: Config, project: Project, sweeps: list[str], name: str | None) -> dict:
+    parsed = sweeping.parse_sweeps(sweeps)
+    protocol = config.eval.protocol
+    name = name or protocol
+    points = []
+    for values, point_config in sweeping.grid(config, parsed):
+        folder = f"eval-{protocol}-" + slug(sweeping.label(values).replace("=", "-"), 80)
+        samples_dir = generate(point_config, project, folder)
+        metrics, notes = evaluate(point_config, project, samples_dir, read_index(samples_dir))
+        points.append({"protocol": protocol, "values": values, "samples": str(samples_dir), "metrics": metrics, "notes": notes})
+    metric = _plot_metric(points)
+    out = project.eval_dir
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_text(out / f"{name}-sweep.json", json.dumps(
+        {"name": name, "protocol": protocol, "grid": {k: v for k, v in parsed}, "plotted": metric,
+         "points": points, "config": config_to_dict(config)}, indent=2, default=str))
+    columns = [k for k in HEADLINE if any(k in p["metrics"] for p in points)]
+    checkpoint.atomic_write_text(out / f"{name}-sweep.md", f"# sweep {name} ({protocol})\n\n"
+                                 + sweeping.markdown_table(points, columns))
+    sweeping.plot(points, metric, f"{name}: {metric}").save(out / f"{name}-sweep.png")
+    result: dict = {"protocol": protocol, "grid points": len(points), "plotted": metric,
+                    "report": str(out / f"{name}-sweep.json")}
+    for p in points:
+        result[sweeping.label(p["values"])] = p["metrics"].get(metric)
+    return result
+
+
+def run(config: Config, project: Project, samples_dir: Path | None = None, sweeps: list[str] = (),
+        name: str | None = None) -> dict:
+    if sweeps:
+        if samples_dir is not None:
+            raise UserError("--sweep samples at every grid point; it cannot evaluate a given SAMPLES_DIR")
+        return run_sweep(config, project, list(sweeps), name)
+    protocol = config.eval.protocol
+    if samples_dir is not None:
+        samples_dir = Path(samples_dir)
+        rows = read_index(samples_dir)
+        name = name or samples_dir.name
+    else:
+        samples_dir = generate(config, project, f"eval-{protocol}")
+        rows = read_index(samples_dir)
+        name = name or protocol
+    metrics, notes = evaluate(config, project, samples_dir, rows)
+    report = _write_report(config, project, name, samples_dir, metrics, notes)
+    result = {"protocol": protocol, "samples": str(samples_dir), **metrics, "report": str(report)}
+    for i, note in enumerate(notes):
+        result[f"note {i + 1}"] = note
+    return result

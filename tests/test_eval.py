@@ -1,0 +1,249 @@
+"""`clipvqd eval` on hand-made samples folders: judge numbers, CLIP/FID/IS labelling, the sweep's files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipvqd.clip import build_model, save_tiny_clip
+from clipvqd.config import Config
+from clipvqd.errors import UserError
+from clipvqd.evaluation import judging
+from clipvqd.evaluation.sweep import parse_sweeps
+from clipvqd.plot import line_chart, nice_ticks
+from clipvqd.project import Project
+from clipvqd.shapes.captions import parse_prompt
+from clipvqd.shapes.world import Attributes, Jitter, render
+from clipvqd.stages import eval as eval_stage
+
+SMALL_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+}
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    """An untrained (but fixed) small CLIP in the tiny-CLIP file format: the shipped one may not exist yet."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clip") / "small_clip.safetensors"
+    save_tiny_clip(build_model(SMALL_CLIP), SMALL_CLIP, path)
+    return path
+
+
+def _config(clip_file, **values) -> Config:
+    base = {"clip.pretrained": str(clip_file), "eval.fid": False, "eval.inception_score": False,
+            "project.device": "cpu", "data.image_size": 32}
+    return Config().replace(**{**base, **values})
+
+
+def _write_samples(folder, items):
+    """items: [(prompt, Attributes, Jitter)] -> images/*.png and index.jsonl like `clipvqd sample`."""
+    rows = []
+    for i, (prompt, attrs, jitter) in enumerate(items):
+        file = f"images/{i:03d}.png"
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(render(attrs, 32, jitter)).save(folder / file)
+        rows.append({"file": file, "prompt": prompt, "seed": i, "clip_score": 0.0})
+    (folder / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+A = Attributes
+
+
+def _hand_made(folder):
+    """'a red circle': 3 of 4 images red circles (one blue); 'a blue circle' (held-out pair): 1 circle of 2.
+    Two of the red circles are identical renders."""
+    return _write_samples(folder, [
+        ("a red circle", A("circle", "red", "white", "large", "center"), Jitter()),
+        ("a red circle", A("circle", "red", "white", "large", "center"), Jitter()),
+        ("a red circle", A("circle", "red", "gray", "small", "left"), Jitter()),
+        ("a red circle", A("circle", "blue", "white", "large", "top"), Jitter()),
+        ("a blue circle", A("circle", "blue", "black", "large", "center"), Jitter()),
+        ("a blue circle", A("square", "blue", "black", "large", "center"), Jitter()),
+    ])
+
+
+def test_judge_numbers_on_a_hand_made_folder(tmp_path, clip_file):
+    project = Project(tmp_path)
+    folder = _hand_made(tmp_path / "samples" / "mine")
+    result = eval_stage.run(_config(clip_file), project, samples_dir=folder)
+    assert result["images"] == 6 and result["prompts"] == 2 and result["samples per prompt"] == 4
+    assert result["judge in-distribution, all samples: shape"] == 1.0
+    assert result["judge in-distribution, all samples: colour"] == 0.75
+    assert result["judge in-distribution, all samples: all named"] == 0.75
+    assert result["judge in-distribution, all samples: images"] == 4
+    assert result["judge held-out, all samples: shape"] == 0.5
+    assert result["judge held-out, all samples: colour"] == 1.0
+    assert result["judge held-out, all samples: all named"] == 0.5
+    assert "judge in-distribution, all samples: size" not in result  # no prompt names the size
+    assert result["judge in-distribution, best of 4 by CLIP: images"] == 1
+    assert result["judge held-out, best of 4 by CLIP: images"] == 1
+    assert result["distinct images (share)"] == pytest.approx(5 / 6)
+    assert result["distinct images per prompt (mean share)"] == pytest.approx((3 / 4 + 1) / 2)
+    # open attributes: background (3 values), size (2), position (5); per prompt distinct judged / vocabulary
+    red = (2 / 3 + 2 / 2 + 3 / 5) / 3
+    blue = (1 / 3 + 1 / 2 + 1 / 5) / 3
+    assert result["open-attribute coverage (judged)"] == pytest.approx((red + blue) / 2)
+    cos = result["CLIP score (cosine, paper), all samples"]
+    assert -1 <= cos <= 1
+    assert 0 <= result["CLIP score (x100 clamped, torchmetrics), all samples"] <= 100
+    report = json.loads((tmp_path / "eval" / "mine.json").read_text())
+    assert report["protocol"] == "shapes" and report["images"] == 6
+    assert report["metrics"]["judge held-out, all samples: all named"] == 0.5
+    assert report["config"]["clip"]["pretrained"] == str(clip_file)
+    assert "| judge held-out, all samples: all named | 0.5 |" in (tmp_path / "eval" / "mine.md").read_text()
+
+
+def test_clip_score_variants_match_a_direct_computation(tmp_path, clip_file):
+    from clipvqd.clip import load_clip
+    from clipvqd.data import from_uint8
+
+    project = Project(tmp_path)
+    folder = _hand_made(tmp_path / "samples" / "mine")
+    result = eval_stage.run(_config(clip_file), project, samples_dir=folder, name="named")
+    assert (tmp_path / "eval" / "named.json").is_file()
+    clip = load_clip("shapes", str(clip_file))
+    rows = [json.loads(line) for line in (folder / "index.jsonl").read_text().splitlines()]
+    pixels = np.stack([np.asarray(Image.open(folder / r["file"]).convert("RGB")) for r in rows])
+    img = clip.embed_images(from_uint8(pixels)).double()
+    txt = clip.embed_texts([r["prompt"] for r in rows]).double()
+    cos = (img * txt).sum(-1).numpy()
+    assert result["CLIP score (cosine, paper), all samples"] == pytest.approx(cos.mean(), abs=1e-5)
+    assert result["CLIP score (x100 clamped, torchmetrics), all samples"] == pytest.approx(
+        np.maximum(100 * cos, 0).mean(), abs=1e-3)
+    best = [cos[:4].max(), cos[4:].max()]
+    assert result["CLIP score (cosine, paper), best of n"] == pytest.approx(np.mean(best), abs=1e-5)
+
+
+def test_judge_metrics_best_of_n_uses_the_scores():
+    prompts = ["a red circle"] * 3
+    named = [{"shape": "circle", "colour": "red"}] * 3
+    judged = [{"shape": "circle", "colour": "blue"}, {"shape": "circle", "colour": "red"},
+              {"shape": "square", "colour": "red"}]
+    m = judging.judge_metrics(prompts, named, judged, scores=[0.1, 0.9, 0.5])
+    assert m["judge in-distribution, all samples: all named"] == pytest.approx(1 / 3)
+    assert m["judge in-distribution, best of 3 by CLIP: all named"] == 1.0
+    m = judging.judge_metrics(prompts, named, judged, scores=[0.1, 0.2, 0.5])
+    assert m["judge in-distribution, best of 3 by CLIP: all named"] == 0.0
+    assert m["judge in-distribution, best of 3 by CLIP: colour"] == 1.0
+    assert judging.best_per_prompt(["a", "b", "a"], [1.0, 0.0, 1.0]) == [0, 1]  # first on ties
+    assert judging.group_of({"shape": "circle", "colour": "blue"}) == "held-out"
+    assert judging.group_of({"shape": "circle"}) == "in-distribution"
+
+
+def test_shapes_fid_and_is_use_the_clip_and_say_so(tmp_path, clip_file):
+    project = Project(tmp_path)
+    folder = _hand_made(tmp_path / "samples" / "mine")
+    config = _config(clip_file, **{"eval.fid": True, "eval.inception_score": True, "eval.reference_count": 12})
+    first = eval_stage.run(config, project, samples_dir=folder)
+    assert first["IS kind"].startswith("IS (tiny-CLIP zero-shot over 720 classes, not Inception)")
+    assert "6 splits" in first["IS kind"]
+    assert 1.0 <= first["IS"] <= 720
+    assert "not Inception" in first["FID features"]
+    assert first["FID reference images"] == 12 and first["FID"] > 0
+    meta = tmp_path / "cache" / "shapes-reference" / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    assert len(list((tmp_path / "cache" / "shapes-reference" / "images").glob("*.png"))) == 12
+    second = eval_stage.run(config, project, samples_dir=folder)
+    assert meta.stat().st_mtime_ns == stamp  # renders and statistics reused
+    assert second["FID"] == pytest.approx(first["FID"], rel=1e-9)
+    assert len(list((tmp_path / "cache").glob("fid-reference-*.npz"))) == 1
+
+
+def test_inception_offline_is_one_user_error(tmp_path, clip_file, monkeypatch):
+    from clipvqd import fid
+
+    monkeypatch.setattr(fid, "CLEANFID_CACHE_DIR", tmp_path / "empty")
+    monkeypatch.setattr(fid, "INCEPTION_URL", "https://inception-host.invalid/x.pt")
+    folder = _hand_made(tmp_path / "samples" / "mine")
+    config = _config(clip_file, **{"eval.fid": True, "eval.features": "inception", "eval.reference_path": str(folder)})
+    with pytest.raises(UserError, match="eval.inception_weights"):
+        eval_stage.run(config, Project(tmp_path), samples_dir=folder)
+
+
+def test_folder_without_index_is_a_user_error(tmp_path, clip_file):
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(UserError, match="index.jsonl"):
+        eval_stage.run(_config(clip_file), Project(tmp_path), samples_dir=tmp_path / "bare")
+
+
+def test_protocol_prompts(tmp_path, clip_file):
+    project = Project(tmp_path)
+    prompts, n = eval_stage.protocol_prompts(_config(clip_file, **{"eval.max_prompts": 2}), project)
+    assert len(prompts) == 4 and n == 16
+    assert judging.group_of(parse_prompt(prompts[-1])) == "held-out"
+    assert judging.group_of(parse_prompt(prompts[0])) == "in-distribution"
+    prompts, n = eval_stage.protocol_prompts(_config(clip_file, **{"eval.protocol": "ffhq64"}), project)
+    assert len(prompts) == 64 and all(p.startswith("a photograph of ") for p in prompts)
+    assert prompts[0] == "a photograph of a person with glasses"
+    with pytest.raises(UserError, match="captions_file"):
+        eval_stage.protocol_prompts(_config(clip_file, **{"eval.protocol": "coco"}), project)
+    (tmp_path / "captions.txt").write_text("".join(f"caption number {i}\n" for i in range(50)))
+    coco = _config(clip_file, **{"eval.protocol": "coco", "eval.captions_file": "captions.txt", "eval.caption_count": 10})
+    first, n = eval_stage.protocol_prompts(coco, project)
+    again, _ = eval_stage.protocol_prompts(coco, project)
+    other, _ = eval_stage.protocol_prompts(coco.replace(**{"project.seed": 1}), project)
+    assert n == 1 and first == again and len(set(first)) == 10 and first != other
+
+
+def _fake_generate(calls):
+    """A test double for sampling: renders a red circle, or a blue one when guidance < 2."""
+
+    def generate(config, project, folder):
+        calls.append((folder, config.sample.guidance, config.sample.truncation))
+        colour = "red" if config.sample.guidance >= 2 else "blue"
+        out = project.samples(folder)
+        items = [("a red circle", A("circle", colour, "white", "large", pos), Jitter()) for pos in ("left", "right")]
+        return _write_samples(out, items)
+
+    return generate
+
+
+def test_sweep_writes_json_table_and_plot(tmp_path, clip_file, monkeypatch):
+    calls = []
+    monkeypatch.setattr(eval_stage, "generate", _fake_generate(calls))
+    project = Project(tmp_path)
+    result = eval_stage.run(_config(clip_file), project,
+                            sweeps=["guidance=1,3", "sample.truncation=0.8,0.9,1"], name="grid")
+    assert result["grid points"] == 6
+    assert [(g, t) for _, g, t in calls] == [(1.0, 0.8), (1.0, 0.9), (1.0, 1.0), (3.0, 0.8), (3.0, 0.9), (3.0, 1.0)]
+    assert calls[0][0] == "eval-shapes-guidance-1-0-truncation-0-8"
+    report = json.loads((tmp_path / "eval" / "grid-sweep.json").read_text())
+    assert report["grid"] == {"guidance": ["1", "3"], "truncation": ["0.8", "0.9", "1"]}
+    assert report["plotted"] == "judge in-distribution, all samples: all named"
+    accuracy = [p["metrics"][report["plotted"]] for p in report["points"]]
+    assert accuracy == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    table = (tmp_path / "eval" / "grid-sweep.md").read_text().splitlines()
+    assert table[2].startswith("| guidance | truncation |") and len(table) == 4 + 6
+    assert table[4].startswith("| 1.0 | 0.8 |")
+    with Image.open(tmp_path / "eval" / "grid-sweep.png") as im:
+        assert im.size == (720, 440)
+
+
+def test_sweep_errors(tmp_path, clip_file):
+    with pytest.raises(UserError, match="not a \\[sample\\] key"):
+        parse_sweeps(["alpha=1,2"])
+    with pytest.raises(UserError, match="twice"):
+        parse_sweeps(["guidance=1", "sample.guidance=2"])
+    with pytest.raises(UserError, match="SAMPLES_DIR"):
+        eval_stage.run(_config(clip_file), Project(tmp_path), samples_dir=tmp_path, sweeps=["guidance=1,2"])
+    with pytest.raises(UserError, match="truncation"):
+        eval_stage.run(_config(clip_file), Project(tmp_path), sweeps=["truncation=0.5,2"])
+
+
+def test_plot_helpers():
+    assert nice_ticks(0.12, 0.87) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(1, 5) == [1, 2, 3, 4, 5]
+    pixels = np.asarray(line_chart({"a": [(1, 0.5), (2, 0.7)], "b": [(1, 0.6), (2, float("nan"))]}))
+    assert (pixels == [31, 119, 180]).all(axis=-1).sum() > 20  # each series colour is drawn
+    assert (pixels == [255, 127, 14]).all(axis=-1).sum() > 10
+    categorical = np.asarray(line_chart({"a": [("cfg", 0.5), ("base", 0.7)]}))
+    assert (categorical == [31, 119, 180]).all(axis=-1).sum() > 20
