@@ -176,11 +176,15 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     if "logit_scale" in state and state["logit_scale"].ndim != module.logit_scale.ndim:
         state["logit_scale"] = state["logit_scale"].reshape(module.logit_scale.shape)
-    result = module.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("logit_bias")]
-    if missing or result.unexpected_keys:
-        raise UserError(f"{path} does not fit this CLIP architecture: missing {missing[:5]}, "
-                        f"unexpected {result.unexpected_keys[:5]}; check clip.model")
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("logit_bias")]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or misshapen:
+        raise UserError(f"{path} does not fit this CLIP architecture ({len(missing)} missing, {len(unexpected)} "
+                        f"unexpected, {len(misshapen)} misshapen tensors, e.g. {(missing + unexpected + misshapen)[:3]}); "
+                        "check that clip.model names the architecture these weights were trained with")
+    module.load_state_dict(state, strict=False)
 
 
 class Clip:
