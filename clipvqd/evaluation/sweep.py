@@ -22,7 +22,7 @@ def parse_sweeps(sweeps: list[str]) -> list[tuple[str, list[str]]]:
         if key.startswith("sample."):
             key = key[len("sample."):]
         if "." in key or key not in keys:
-            raise UserError(f"--sweep {item!r}: {key!r} is not a [sample] key (valid: {', '.join(sorted(keys))})")
+            raise UserError(f"--sweep {item!r}: {key!r} is not a sample.* key (valid: {', '.join(sorted(keys))})")
         if key in (k for k, _ in parsed):
             raise UserError(f"--sweep: {key} is given twice")
         vals = [v.strip() for v in values.split(",") if v.strip()]
