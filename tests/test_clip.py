@@ -104,3 +104,18 @@ def test_tag_offline_fails_fast_with_advice(monkeypatch):
     with pytest.raises(UserError, match="clip.pretrained"):
         load_clip("ViT-B-32", "openai")
     assert time.time() - start < 15
+
+
+def test_training_is_deterministic_given_the_seed():
+    from clipvqd.shapes.train_clip import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the documented command does
+    try:
+        first = train(steps=2, seed=3, batch_size=16, log_every=0).state_dict()
+        second = train(steps=2, seed=3, batch_size=16, log_every=0).state_dict()
+        other = train(steps=2, seed=4, batch_size=16, log_every=0).state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["visual.conv1.weight"], other["visual.conv1.weight"])
