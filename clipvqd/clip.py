@@ -19,6 +19,7 @@ weights and their loader can never disagree about the architecture.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -60,19 +61,31 @@ def build_model(model_cfg: dict) -> torch.nn.Module:
 
 
 class Tokenizer:
-    """open_clip's own BPE tokenizer (its vocabulary ships with the package: no network)."""
+    """open_clip's tokenizer for a model: its own BPE vocabulary ships with open_clip (no network).
 
-    def __init__(self, context_length: int):
+    Without `model_name` (the tiny shapes CLIP) it is open_clip's SimpleTokenizer;
+    with one, whatever open_clip.get_tokenizer picks for that architecture.
+    """
+
+    def __init__(self, context_length: int, model_name: str | None = None):
         self.context_length = context_length
-        self._tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
+        if model_name is None:
+            self._tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
+        else:
+            try:
+                self._tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length)
+            except Exception as error:  # e.g. a Hugging Face tokenizer that is not cached, offline
+                raise UserError(f"cannot load the tokenizer of clip.model {model_name!r}: {error}") from error
 
-    def token_count(self, text: str) -> int:
-        """Tokens `text` needs, counting the start and end tokens."""
+    def token_count(self, text: str) -> int | None:
+        """Tokens `text` needs, counting the start and end tokens (None if the tokenizer cannot say)."""
+        if not hasattr(self._tokenizer, "encode"):
+            return None
         return len(self._tokenizer.encode(text)) + 2
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         """(N, context_length) int64 token ids; over-long texts are truncated (end token kept)."""
-        return self._tokenizer(list(texts), context_length=self.context_length)
+        return self._tokenizer(list(texts))
 
 
 def save_tiny_clip(model: torch.nn.Module, model_cfg: dict, path: str | Path) -> None:
@@ -102,13 +115,22 @@ def _read_metadata_config(path: Path) -> dict:
     return json.loads(metadata[METADATA_KEY])
 
 
+def _digest(path: Path) -> str:
+    """First 12 hex digits of the file's SHA-256: names the exact weights, for provenance."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()[:12]
+
+
 def _resolve(model: str, pretrained: str) -> _Spec:
     if model == SHAPES_MODEL:
         path = Path(pretrained) if pretrained else SHAPES_WEIGHTS
         if not path.is_file():
             raise UserError(f"the tiny shapes CLIP weights are missing: {path} (reinstall clipvqd or retrain them "
                             "with `python -m clipvqd.shapes.train_clip --out PATH`)")
-        return _Spec(_read_metadata_config(path), path, None, f"shapes:{path.name}")
+        return _Spec(_read_metadata_config(path), path, None, f"shapes:{path.name}@{_digest(path)}")
     model_cfg = open_clip.get_model_config(model)
     if model_cfg is None:
         raise UserError(f"unknown clip.model {model!r}: use 'shapes' or an open_clip architecture name such as "
@@ -120,7 +142,7 @@ def _resolve(model: str, pretrained: str) -> _Spec:
     if path.suffix in (".safetensors", ".pt", ".pth", ".bin") or os.sep in pretrained or path.exists():
         if not path.is_file():
             raise UserError(f"clip.pretrained file not found: {path}")
-        return _Spec(model_cfg, path, None, f"{model}:{path.name}")
+        return _Spec(model_cfg, path, None, f"{model}:{path.name}@{_digest(path)}")
     if not open_clip.get_pretrained_cfg(model, pretrained):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
         raise UserError(f"clip.pretrained {pretrained!r} is neither a local file nor an open_clip tag of {model!r} "
@@ -190,17 +212,18 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
 class Clip:
     """A loaded CLIP in eval mode: unit-norm image and text embeddings, batched, no grad."""
 
-    def __init__(self, module: torch.nn.Module, model_cfg: dict, name: str, device: str | torch.device = "cpu"):
+    def __init__(self, module: torch.nn.Module, model_cfg: dict, name: str, device: str | torch.device = "cpu",
+                 tokenizer_model: str | None = None):
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
         self.name = name
-        image_size = module.visual.image_size
+        image_size = model_cfg["vision_cfg"].get("image_size", getattr(module.visual, "image_size", 224))
         self.image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
         self.context_length = int(model_cfg["text_cfg"].get("context_length", 77))
         preprocess = model_cfg.get("preprocess_cfg", {})
         self._mean = torch.tensor(preprocess.get("mean", DEFAULT_MEAN), device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(preprocess.get("std", DEFAULT_STD), device=self.device).view(1, 3, 1, 1)
-        self.tokenizer = Tokenizer(self.context_length)
+        self.tokenizer = Tokenizer(self.context_length, tokenizer_model)
         self.embed_dim = int(model_cfg["embed_dim"])
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,7 +248,8 @@ class Clip:
         """Prompts -> (N, embed_dim) L2-normalised. Over-long prompts are truncated with a warning."""
         texts = list(texts)
         for text in texts:
-            if self.tokenizer.token_count(text) > self.context_length:
+            count = self.tokenizer.token_count(text)
+            if count is not None and count > self.context_length:
                 log.warning("prompt longer than CLIP's %d-token context, truncated: %r", self.context_length, text)
         out = [self.module.encode_text(self.tokenizer(texts[i:i + batch_size]).to(self.device), normalize=True)
                for i in range(0, len(texts), batch_size)]
@@ -241,13 +265,19 @@ def load_clip(model: str, pretrained: str = "", device: str | torch.device = "cp
     file (default: the shipped one).
     """
     spec = _resolve(model, pretrained)
+    model_cfg = dict(spec.model_cfg)
     if spec.tag is not None:
         module = _load_tag(spec, model)
-        model_cfg = dict(spec.model_cfg)
-        tag_cfg = open_clip.get_pretrained_cfg(model, spec.tag)
-        model_cfg["preprocess_cfg"] = {"mean": tag_cfg.get("mean", DEFAULT_MEAN), "std": tag_cfg.get("std", DEFAULT_STD)}
     else:
-        module = build_model(spec.model_cfg)
+        module = build_model(model_cfg)
         _load_weights(module, spec.weights)
-        model_cfg = spec.model_cfg
-    return Clip(module, model_cfg, spec.name, device)
+    if model != SHAPES_MODEL:
+        model_cfg["preprocess_cfg"] = _named_preprocess(model, spec.tag)
+    return Clip(module, model_cfg, spec.name, device, tokenizer_model=None if model == SHAPES_MODEL else model)
+
+
+def _named_preprocess(model: str, tag: str | None) -> dict:
+    """Image mean/std of a named model: its tag's, or (local file) those of its first known tag."""
+    tags = [tag] if tag else open_clip.list_pretrained_tags_by_model(model)[:1]
+    cfg = open_clip.get_pretrained_cfg(model, tags[0]) if tags else {}
+    return {"mean": list(cfg.get("mean", DEFAULT_MEAN)), "std": list(cfg.get("std", DEFAULT_STD))}

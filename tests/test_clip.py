@@ -29,7 +29,7 @@ def test_shipped_file_is_small_fp16_with_its_config():
 
 
 def test_loaded_clip_describes_itself(clip):
-    assert clip.name.startswith("shapes:")
+    assert clip.name.startswith("shapes:tiny_clip.safetensors@") and len(clip.name.split("@")[1]) == 12
     assert clip.embed_dim == 64 and clip.context_length == 32
     assert clip.image_size % 32 == 0
     assert not clip.module.training  # BatchNorm in eval mode
