@@ -247,3 +247,80 @@ def test_plot_helpers():
     assert (pixels == [255, 127, 14]).all(axis=-1).sum() > 10
     categorical = np.asarray(line_chart({"a": [("cfg", 0.5), ("base", 0.7)]}))
     assert (categorical == [31, 119, 180]).all(axis=-1).sum() > 20
+
+
+class _FakeInception(torch.nn.Module):
+    """A TorchScript stand-in with the parts of clean-fid's Inception file that eval uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 8))
+        self.output = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.output(self.layers(x))
+
+
+def test_coco_protocol_with_a_local_inception_file(tmp_path, clip_file):
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.pt"
+    torch.jit.script(_FakeInception()).save(str(weights))
+    folder = _hand_made(tmp_path / "samples" / "coco-run")
+    config = _config(clip_file, **{"eval.protocol": "coco", "eval.fid": True, "eval.inception_score": True,
+                                   "eval.inception_weights": str(weights), "eval.reference_path": str(folder / "images"),
+                                   "eval.features": "inception"})
+    result = eval_stage.run(config, Project(tmp_path), samples_dir=folder)
+    assert result["FID features"] == "clean-fid clean mode, Inception"
+    assert abs(result["FID"]) < 1e-6  # the samples against themselves
+    assert result["IS kind"] == "IS (Inception logits, no output bias), 6 splits"
+    assert "judge in-distribution, all samples: all named" not in result  # the judge is for shapes only
+    config = config.replace(**{"eval.reference_path": ""})
+    with pytest.raises(UserError, match="reference_path"):
+        eval_stage.run(config, Project(tmp_path), samples_dir=folder)
+
+
+def test_ffhq64_without_reference_measures_clip_only(tmp_path, clip_file):
+    folder = _hand_made(tmp_path / "samples" / "faces")
+    config = _config(clip_file, **{"eval.protocol": "ffhq64", "eval.fid": True, "eval.inception_score": True})
+    result = eval_stage.run(config, Project(tmp_path), samples_dir=folder)
+    assert "FID" not in result and "IS" not in result and "reference_path" in result["note 1"]
+    assert "CLIP score (cosine, paper), best of n" in result
+
+
+def test_generate_goes_through_the_sampling_code(tmp_path, clip_file, monkeypatch):
+    from clipvqd.clip import load_clip
+    from clipvqd.stages import sample
+
+    seen = {}
+
+    class FakeGenerator:
+        def __init__(self, config, project):
+            seen["n"], seen["name"] = config.sample.n, config.sample.name
+            self.clip = load_clip("shapes", str(clip_file))
+
+        def effective_guidance(self):
+            return 1.0
+
+    def fake_write(gen, jobs, out, guidance):
+        seen["labels"] = [label for label, _ in jobs]
+        seen["dims"] = {tuple(c.shape) for _, c in jobs}
+        out.mkdir(parents=True)
+        return [], []
+
+    monkeypatch.setattr(sample, "Generator", FakeGenerator)
+    monkeypatch.setattr(sample, "write_samples", fake_write)
+    project = Project(tmp_path)
+    stale = project.samples("eval-shapes") / "old.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x")
+    config = _config(clip_file, **{"eval.max_prompts": 1, "eval.samples_per_prompt": 3})
+    out = eval_stage.generate(config, project, "eval-shapes")
+    assert out == project.samples("eval-shapes") and not stale.exists()
+    assert seen["n"] == 3 and seen["name"] == "eval-shapes" and seen["dims"] == {(32,)}
+    assert seen["labels"] == eval_stage.protocol_prompts(config, project)[0]
+    (tmp_path / "caps.txt").write_text("a long caption that shares its first forty characters, one\n"
+                                       "a long caption that shares its first forty characters, two\n")
+    coco = _config(clip_file, **{"eval.protocol": "coco", "eval.captions_file": "caps.txt", "eval.caption_count": 2})
+    eval_stage.generate(coco, project, "eval-coco")
+    assert seen["n"] == 1
+    assert sorted(label.split(" ", 1)[0] for label in seen["labels"]) == ["#0", "#1"]  # numbered apart
