@@ -113,6 +113,10 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
     embeds = torch.from_numpy(embeds_np[mine.numpy()].astype(np.float32)).to(acc.device)
     local = torch.arange(len(mine))
     runlog = RunLog(s.stage.log, s.title, s.steps, start, s.log_every, enabled=acc.is_main_process)
+    if acc.num_processes > 1:
+        firsts = acc.gather(mine[:1].to(acc.device)).tolist()
+        runlog.event(f"{acc.num_processes} processes; process i reads items i, i+{acc.num_processes}, ... "
+                     f"(first items {firsts}, {len(mine)} each)")
     started = time.perf_counter()
     terms: dict[str, float] = {}
     raw = acc.unwrap_model(model)
@@ -150,6 +154,10 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
         if done % s.save_every == 0 or done == s.steps:
             ckpt.save(done, modules, {"opt": optimizer})
     elapsed = time.perf_counter() - started
+    if acc.num_processes > 1:  # gradients were averaged, so every replica must hold the same weights
+        checksum = torch.stack([p.detach().double().sum() for p in raw.parameters()]).sum().view(1)
+        sums = acc.gather(checksum.to(acc.device)).tolist()
+        runlog.event(f"replica weight checksums {sums}: {'in sync' if len(set(sums)) == 1 else 'DIVERGED'}")
     runlog.close()
 
     weights = ema.weights_for(raw) if ema else raw.state_dict()
