@@ -8,6 +8,8 @@ Each sample is a (named, judged) pair: the attributes its prompt names (from
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from clipvqd.shapes.world import ATTRIBUTE_NAMES, HELDOUT_PAIRS, VOCABULARY
@@ -78,7 +80,7 @@ def judge_metrics(prompts: list[str], named: list[dict], judged: list[dict], sco
     """The flat judge report: accuracy per group, for all samples and for the CLIP-best per prompt."""
     out: dict[str, float] = {}
     best = set(best_per_prompt(prompts, scores))
-    per_prompt = max((prompts.count(p) for p in set(prompts)), default=1)
+    per_prompt = max(Counter(prompts).values(), default=1)
     for group in GROUPS:
         members = [i for i, n in enumerate(named) if n and group_of(n) == group]
         if not members:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +187,7 @@ def evaluate(config: Config, project: Project, samples_dir: Path, rows: list[dic
 
             judged += [judge(px) for px in pixels]
 
-    per_prompt = max(prompts.count(p) for p in set(prompts))
+    per_prompt = max(Counter(prompts).values())
     best = judging.best_per_prompt(prompts, [c if c == c else -2.0 for c in cosines])
     m: dict = {"images": len(rows), "prompts": len(set(prompts)), "samples per prompt": per_prompt}
     scored = [i for i, c in enumerate(cosines) if c == c]
