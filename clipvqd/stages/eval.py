@@ -252,6 +252,23 @@ def _markdown(title: str, metrics: dict, notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _compact(metrics: dict) -> dict:
+    """The CLI's view: each judge block (group, selection) on one line; eval/<name>.json keeps every number."""
+    out: dict = {}
+    for key, value in metrics.items():
+        if not key.startswith("judge "):
+            out[key] = value
+            continue
+        block, attribute = key.rsplit(": ", 1)
+        if attribute == "images":
+            continue
+        line = f"{attribute} {value:.3f}"
+        if attribute == "all named":
+            line += f" (of {metrics[block + ': images']} images)"
+        out[block] = f"{out[block]}; {line}" if block in out else line
+    return out
+
+
 def _write_report(config: Config, project: Project, name: str, samples_dir: Path, metrics: dict, notes: list[str]) -> Path:
     path = project.eval_dir / f"{name}.json"
     report = {"name": name, "protocol": config.eval.protocol, "samples": str(samples_dir),
@@ -314,7 +331,7 @@ def run(config: Config, project: Project, samples_dir: Path | None = None, sweep
         name = name or protocol
     metrics, notes = evaluate(config, project, samples_dir, rows)
     report = _write_report(config, project, name, samples_dir, metrics, notes)
-    result = {"protocol": protocol, "samples": str(samples_dir), **metrics, "report": str(report)}
+    result = {"protocol": protocol, "samples": str(samples_dir), **_compact(metrics), "report": str(report)}
     for i, note in enumerate(notes):
         result[f"note {i + 1}"] = note
     return result
