@@ -29,7 +29,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from clipvqd import checkpoint
@@ -37,56 +36,17 @@ from clipvqd.config import Config, config_to_dict
 from clipvqd.data import from_uint8
 from clipvqd.errors import UserError
 from clipvqd.evaluation import judging, sweep as sweeping
+from clipvqd.evaluation.protocols import protocol_prompts, shapes_reference
 from clipvqd.metrics import clip_score_cosine, clip_score_torchmetrics, feature_statistics, frechet_distance, inception_score
 from clipvqd.project import Project, slug
 from clipvqd.stages.common import configured_clip, device_of
 from clipvqd.stages.rerank import read_index
 
-FFHQ64_PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "ffhq64.txt"
-FFHQ_PREFIX = "a photograph of "
-REFERENCE_SEED_OFFSET = 1_000_003  # shapes reference renders: data.seed + this, never the training seed
 IS_SPLITS = 10
 NUMBER_PREFIX = re.compile(r"^#\d+ ")  # labels numbered to keep sample file names apart
 HEADLINE = ("CLIP score (cosine, paper), best of n", "CLIP score (cosine, paper), all samples",
             "judge in-distribution, all samples: all named", "judge held-out, all samples: all named",
             "FID", "IS", "distinct images (share)")
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-def _read_lines(path: Path, what: str) -> list[str]:
-    if not path.is_file():
-        raise UserError(f"{what}: no such file {path}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    lines = [line for line in lines if line and not line.startswith("#")]
-    if not lines:
-        raise UserError(f"{what}: {path} holds no lines")
-    return lines
-
-
-def protocol_prompts(config: Config, project: Project) -> tuple[list[str], int]:
-    """(prompts, samples per prompt) of the configured protocol."""
-    ec = config.eval
-    cap = (lambda items: items[:ec.max_prompts]) if ec.max_prompts else (lambda items: items)
-    if ec.protocol == "shapes":
-        from clipvqd.shapes.prompts import heldout_prompts, in_distribution_prompts
-
-        prompts = [p for p, _ in cap(in_distribution_prompts())] + [p for p, _ in cap(heldout_prompts())]
-        return prompts, ec.samples_per_prompt
-    if ec.protocol == "ffhq64":
-        path = project.resolve(ec.prompts_file) if ec.prompts_file else FFHQ64_PROMPTS
-        lines = _read_lines(path, "eval.prompts_file")
-        return cap([line if line.startswith(FFHQ_PREFIX) else FFHQ_PREFIX + line for line in lines]), ec.samples_per_prompt
-    if not ec.captions_file:
-        raise UserError("the coco protocol needs eval.captions_file: a text file of captions, one a line")
-    captions = _read_lines(project.resolve(ec.captions_file), "eval.captions_file")
-    g = torch.Generator().manual_seed(config.project.seed)
-    if ec.caption_count <= len(captions):
-        picks = torch.randperm(len(captions), generator=g)[:ec.caption_count]
-    else:  # more draws than captions: with replacement
-        picks = torch.randint(len(captions), (ec.caption_count,), generator=g)
-    return cap([captions[int(i)] for i in picks]), 1
 
 
 # --------------------------------------------------------------------------- generation
@@ -116,23 +76,6 @@ def generate(config: Config, project: Project, folder: str) -> Path:
 def _features_kind(config: Config) -> str:
     kind = config.eval.features
     return ("clip" if config.clip.model == "shapes" else "inception") if kind == "auto" else kind
-
-
-def shapes_reference(config: Config, project: Project) -> Path:
-    """eval.reference_count fresh renders of the generator's distribution, written once to the cache."""
-    from clipvqd.shapes.dataset import ShapesImages, write_pngs
-
-    folder = project.cache / "shapes-reference"
-    meta = {"seed": config.data.seed + REFERENCE_SEED_OFFSET, "count": config.eval.reference_count,
-            "image_size": config.data.image_size}
-    meta_file = folder / "meta.json"
-    if meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
-        return folder
-    if folder.exists():
-        shutil.rmtree(folder)
-    write_pngs(ShapesImages(meta["seed"], meta["count"], meta["image_size"]), folder / "images")
-    checkpoint.atomic_write_text(meta_file, json.dumps(meta))
-    return folder
 
 
 def _extractor(config: Config, project: Project, clip, device):
@@ -174,13 +117,14 @@ def evaluate(config: Config, project: Project, samples_dir: Path, rows: list[dic
     texts = sorted({p for p in prompts if not p.startswith("image:")})
     text_emb = dict(zip(texts, clip.embed_texts(texts, config.clip.batch_size).float().cpu())) if texts else {}
 
-    cosines, judged, hashes = [], [], []
+    cosines, clamped, judged, hashes = [], [], [], []
     for start in range(0, len(rows), ec.batch_size):
         pixels = [_load_pixels(f) for f in files[start:start + ec.batch_size]]
         part = prompts[start:start + ec.batch_size]
         emb = clip.embed_images(from_uint8(np.stack(pixels)), config.clip.batch_size).float().cpu()
         for p, e in zip(part, emb):
             cosines.append(float(clip_score_cosine(e, text_emb[p])) if p in text_emb else float("nan"))
+            clamped.append(float(clip_score_torchmetrics(e, text_emb[p])) if p in text_emb else float("nan"))
         hashes += [hashlib.sha1(px.tobytes()).hexdigest() for px in pixels]
         if shapes and ec.judge:
             from clipvqd.shapes.judge import judge
@@ -192,12 +136,11 @@ def evaluate(config: Config, project: Project, samples_dir: Path, rows: list[dic
     m: dict = {"images": len(rows), "prompts": len(set(prompts)), "samples per prompt": per_prompt}
     scored = [i for i, c in enumerate(cosines) if c == c]
     if ec.clip_score and scored:
-        all_c = np.array([cosines[i] for i in scored])
-        best_c = np.array([cosines[i] for i in best if cosines[i] == cosines[i]])
-        m["CLIP score (cosine, paper), all samples"] = float(all_c.mean())
-        m["CLIP score (cosine, paper), best of n"] = float(best_c.mean())
-        m["CLIP score (x100 clamped, torchmetrics), all samples"] = float(np.maximum(100 * all_c, 0).mean())
-        m["CLIP score (x100 clamped, torchmetrics), best of n"] = float(np.maximum(100 * best_c, 0).mean())
+        best_scored = [i for i in best if cosines[i] == cosines[i]]
+        m["CLIP score (cosine, paper), all samples"] = float(np.mean([cosines[i] for i in scored]))
+        m["CLIP score (cosine, paper), best of n"] = float(np.mean([cosines[i] for i in best_scored]))
+        m["CLIP score (x100 clamped, torchmetrics), all samples"] = float(np.mean([clamped[i] for i in scored]))
+        m["CLIP score (x100 clamped, torchmetrics), best of n"] = float(np.mean([clamped[i] for i in best_scored]))
         m["CLIP model"] = clip.name
     if shapes and ec.judge:
         from clipvqd.shapes.captions import parse_prompt
