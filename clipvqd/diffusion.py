@@ -60,24 +60,19 @@ def log_onehot(tokens: torch.Tensor, num_states: int, dtype=torch.float32) -> to
     return out.scatter_(1, tokens.unsqueeze(1).long(), 0.0)
 
 
-def gumbel_noise(shape, generator: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
-    """Standard Gumbel noise drawn from ``generator``.
-
-    The numbers are drawn on the generator's device and moved if needed, so a
-    CPU generator works with CUDA tensors (slower) and results depend only on
-    the generator's seed.
-    """
-    u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    u = u.to(device=device, dtype=dtype)
-    tiny = torch.finfo(dtype).tiny
-    exponential = (-torch.log(u.clamp(min=tiny))).clamp(min=tiny)  # Exp(1), never 0
-    return -torch.log(exponential)
-
-
 def sample_categorical(log_p: torch.Tensor, generator: torch.Generator, dim: int = 1) -> torch.Tensor:
-    """Gumbel-max draw from (possibly unnormalised) log-probabilities along ``dim``."""
-    noise = gumbel_noise(log_p.shape, generator, log_p.device, log_p.dtype)
-    return (log_p + noise).argmax(dim=dim)
+    """Exact draw from (possibly unnormalised) log-probabilities along ``dim``.
+
+    Gumbel-max: argmax(log p + G) with G = -log(-log U), U uniform, i.e.
+    argmax(log p - log E) with E = -log U ~ Exp(1). The uniforms come from
+    ``generator`` on its own device (moved if that differs). E is floored at
+    float32 eps, which caps G at about 16, so a log-0 (-70) class never wins.
+    (``Tensor.exponential_`` would save one op but is several times slower on CPU.)
+    """
+    u = torch.rand(log_p.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    e = u.clamp_(min=1e-30).log_().neg_().clamp_(min=torch.finfo(torch.float32).eps)
+    e = e.to(device=log_p.device, dtype=log_p.dtype)
+    return torch.sub(log_p, e.log_()).argmax(dim=dim)
 
 
 class Schedule:
@@ -256,34 +251,35 @@ class Schedule:
             raise ValueError(f"log_x0 has {K} classes, schedule has {self.num_classes}")
         t = self._times(t, B)
         s = t - 1 if s is None else self._times(s, B)
-        log_x0 = log_x0.to(self.dtype)
         zero = torch.zeros_like(t)
         is_mask = (x_t == self.mask_index).unsqueeze(1)  # (B, 1, L)
-        x_real = x_t.clamp(max=K - 1).unsqueeze(1)  # (B, 1, L), any real index at masked spots
-        classes = torch.arange(K, device=log_x0.device).view(1, K, 1)
-        at_xt = (classes == x_real) & ~is_mask  # (B, K, L): x0 == x_t (real x_t only)
+        j = x_t.clamp(max=K - 1).unsqueeze(1)  # (B, 1, L): x_t's class (any real one where masked)
+        no_bump = torch.zeros((), dtype=self.dtype, device=log_x0.device)
 
-        # (i) divide p(x0) by q(x_t | x0) and renormalise.
-        log_qt = torch.where(
-            at_xt,
-            self._pair("log_a_plus_b", zero, t),
-            torch.where(is_mask, self._pair("log_c", zero, t), self._pair("log_b", zero, t)),
-        )
-        v = log_x0 - log_qt
+        def per_position(s_, t_):
+            """log q(x_t | x_s = k) as (base for every real k, extra at k = x_t), each (B, 1, L)."""
+            base = torch.where(is_mask, self._pair("log_c", s_, t_), self._pair("log_b", s_, t_))
+            bump = torch.where(is_mask, no_bump, self._pair("log_a_plus_b", s_, t_) - self._pair("log_b", s_, t_))
+            return base, bump
+
+        # (i) v = log p(x0) - log q(x_t | x0), normaliser Z.
+        base_t, bump_t = per_position(zero, t)
+        v = log_x0.to(self.dtype) - base_t
+        v.scatter_add_(1, j, -bump_t)
         log_z = torch.logsumexp(v, dim=1, keepdim=True)
-        w = v - log_z
-        # (ii) push w (all mass on real states) through q(x_s | x0).
-        m_real = torch.logaddexp(w + self._pair("log_a", zero, s), self._pair("log_b", zero, s))
-        m_mask = self._pair("log_c", zero, s).expand(B, 1, L)
-        # (iii) likelihood q(x_t | x_s) over x_s, then restore Z.
-        lik_real = torch.where(
-            at_xt,
-            self._pair("log_a_plus_b", s, t),
-            torch.where(is_mask, self._pair("log_c", s, t), self._pair("log_b", s, t)),
-        )
-        lik_mask = torch.where(is_mask, 0.0, LOG_ZERO).to(self.dtype)
-        out = torch.cat([m_real + lik_real, m_mask + lik_mask], dim=1) + log_z
-        return out.clamp(LOG_ZERO, 0.0)
+        # (ii)+(iii) with w = v / Z pushed through q(x_s | x0) and times the likelihood and Z:
+        #   real k: lik(k) * (ᾱ_s v_k + β̄_s Z),   mask: lik(mask) * γ̄_s * Z.
+        base_st, bump_st = per_position(s, t)
+        #   log(ᾱ_s v_k + β̄_s Z) = log(ᾱ_s w_k + β̄_s) + log Z, evaluated with exp/log
+        #   (much faster than logaddexp on CPU); w below e^-70 counts as 0.
+        out = torch.empty((B, K + 1, L), dtype=self.dtype, device=log_x0.device)
+        real = out[:, :K]
+        torch.sub(v, log_z, out=real).clamp_(min=LOG_ZERO).exp_()
+        real.mul_(self._pair("log_a", zero, s).exp()).add_(self._pair("log_b", zero, s).exp()).log_()
+        real.add_(log_z + base_st).scatter_add_(1, j, bump_st)
+        lik_mask = torch.where(is_mask, no_bump, torch.full_like(no_bump, LOG_ZERO))
+        out[:, K:] = self._pair("log_c", zero, s) + log_z + lik_mask
+        return out.clamp_(LOG_ZERO, 0.0)
 
 
 # ---------------------------------------------------------------------- loss

@@ -29,33 +29,47 @@ def guide(log_cond: torch.Tensor, log_uncond: torch.Tensor, scale: float) -> tor
     """
     if scale == 1:
         return log_cond
-    g = log_uncond + scale * (log_cond - log_uncond)
-    return (g - g.logsumexp(dim=1, keepdim=True)).clamp(LOG_ZERO, 0.0)
+    g = torch.lerp(log_uncond, log_cond, float(scale))  # u + scale (c - u)
+    return g.sub_(g.logsumexp(dim=1, keepdim=True)).clamp_(LOG_ZERO, 0.0)
 
 
-def truncate(log_p: torch.Tensor, r: float, first_k: int = 64) -> torch.Tensor:
+def truncate(log_p: torch.Tensor, r: float, first_k: int = 16) -> torch.Tensor:
     """Keep, per position, the fewest most-likely classes whose mass reaches ``r``.
 
     ``log_p`` is (B, K, L) normalised log-probabilities; the other classes get
     LOG_ZERO (the kept ones are not renormalised: the posterior and Gumbel-max
-    sampling do not need it). The top class is always kept. ``r >= 1`` keeps all.
+    sampling do not need it). The top class is always kept; ``r >= 1`` keeps all.
+    Classes tied exactly with the least likely kept one are kept too.
 
-    Cost: ``topk`` with a bound ``k`` (first 64, growing x4 only if some
-    position needs more), instead of a full sort over K.
+    Cost: no full sort over K unless needed. With ``k`` = ``first_k`` the set is
+    found from the top-k classes (peaked predictions: the kept set is small) or
+    from the bottom-k (flat predictions: the dropped set, the largest set of least
+    likely classes with mass <= 1 - r, is small); only positions that neither
+    resolves make ``k`` grow x4, up to a full ``topk`` over K. The result is a
+    per-position threshold τ (the least likely kept log-probability) applied
+    with one comparison over the tensor.
     """
     if r >= 1:
         return log_p
     K = log_p.shape[1]
     k = min(K, first_k)
     while True:
-        values, index = log_p.topk(k, dim=1)  # sorted, most likely first
-        cum = values.exp().cumsum(dim=1)
-        if k == K or bool((cum[:, -1] >= r).all()):
+        top = log_p.topk(k, dim=1).values  # (B, k, L), most likely first
+        p_top = top.exp()
+        cum = p_top.cumsum(dim=1)
+        n_keep = ((cum - p_top) < r).sum(dim=1, keepdim=True)  # >= 1: the top class always counts
+        by_top = cum[:, -1:] >= r
+        tau = top.gather(1, n_keep - 1)
+        if k == K or bool(by_top.all()):
+            break
+        bottom = log_p.topk(k, dim=1, largest=False).values  # least likely first
+        n_drop = (bottom.exp().cumsum(dim=1) <= 1 - r).sum(dim=1, keepdim=True)
+        by_bottom = n_drop < k  # then the least likely kept class is bottom[n_drop]
+        tau = torch.where(by_top, tau, bottom.gather(1, n_drop.clamp(max=k - 1)))
+        if bool((by_top | by_bottom).all()):
             break
         k = min(K, 4 * k)
-    keep = (cum - values.exp()) < r  # mass before this class has not reached r yet
-    out = torch.full_like(log_p, LOG_ZERO)
-    return out.scatter_(1, index, torch.where(keep, values, torch.full_like(values, LOG_ZERO)))
+    return torch.where(log_p >= tau, log_p, torch.full_like(log_p, LOG_ZERO))
 
 
 def timestep_subset(timesteps: int, steps: int) -> list[int]:

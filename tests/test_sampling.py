@@ -56,9 +56,10 @@ def test_guide_scale_one_and_normalisation():
 
 @pytest.mark.parametrize("r", [0.01, 0.3, 0.5, 0.9, 0.99])
 @pytest.mark.parametrize("K_", [5, 300])
-def test_truncate_brute_force(r, K_):
+@pytest.mark.parametrize("spread", [0.05, 2.0, 8.0])  # flat (bottom side resolves), medium, peaked (top side)
+def test_truncate_brute_force(r, K_, spread):
     g = torch.Generator().manual_seed(1)
-    log_p = (torch.randn(2, K_, 9, generator=g) * 2).log_softmax(1)
+    log_p = (torch.randn(2, K_, 9, generator=g) * spread).log_softmax(1)
     out = truncate(log_p, r, first_k=4)  # small first k so the growth path runs too
     for b in range(2):
         for l in range(9):
