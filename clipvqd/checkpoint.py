@@ -158,6 +158,7 @@ def load_training_state(path: Path) -> tuple[int, dict[str, dict], dict[str, dic
 
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.safetensors$")
+_TMP_FILE = re.compile(r"^\.step-\d+\.safetensors\.tmp-(\d+)$")
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -179,3 +180,7 @@ def prune_checkpoints(folder: Path, keep: int = 2) -> None:
     found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name)))
     for _, p in found[:-keep]:
         p.unlink(missing_ok=True)
+    for p in folder.iterdir():  # left by a process killed mid-save (its cleanup never ran)
+        m = _TMP_FILE.match(p.name)
+        if m and int(m.group(1)) != os.getpid():
+            p.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from typing import Callable, List, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from clipvqd.config import load_config
@@ -57,7 +58,10 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # One line, whatever the message embeds (a library's multi-line text), and
+            # brackets such as [train_vq] or [/tmp] printed as written, not as rich markup.
+            line = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+            err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted; rerun the same command to resume from the last checkpoint")

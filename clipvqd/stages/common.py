@@ -35,11 +35,16 @@ def autocast(config: Config, device: torch.device):
 def configured_clip(config: Config, project: Project, device):
     """The CLIP named by ``[clip]``; a relative weights path resolves against the project."""
     from clipvqd.clip import load_clip
+    from safetensors import SafetensorError
 
     pretrained = config.clip.pretrained
     if pretrained and (Path(pretrained).suffix or "/" in pretrained):
         pretrained = str(project.resolve(pretrained))
-    return load_clip(config.clip.model, pretrained, device)
+    try:
+        return load_clip(config.clip.model, pretrained, device)
+    except SafetensorError as exc:  # e.g. a pickle handed as a tiny CLIP file: refused, never unpickled
+        raise UserError(f"clip.pretrained {pretrained}: not a readable safetensors file ({exc}); "
+                        "clipvqd never loads pickled files") from None
 
 
 def resolved_data(config: Config, project: Project):
