@@ -234,6 +234,8 @@ def test_sweep_writes_json_table_and_plot(tmp_path, clip_file, monkeypatch):
 def test_sweep_errors(tmp_path, clip_file):
     with pytest.raises(UserError, match="not a sample"):
         parse_sweeps(["alpha=1,2"])
+    with pytest.raises(UserError, match="samples_per_prompt"):
+        parse_sweeps(["n=1,2"])
     with pytest.raises(UserError, match="twice"):
         parse_sweeps(["guidance=1", "sample.guidance=2"])
     with pytest.raises(UserError, match="SAMPLES_DIR"):

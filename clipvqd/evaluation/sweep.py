@@ -21,6 +21,8 @@ def parse_sweeps(sweeps: list[str]) -> list[tuple[str, list[str]]]:
         key, values = (s.strip() for s in item.split("=", 1))
         if key.startswith("sample."):
             key = key[len("sample."):]
+        if key in ("n", "name"):
+            raise UserError(f"--sweep {item!r}: eval sets sample.{key} itself (samples per prompt: eval.samples_per_prompt)")
         if "." in key or key not in keys:
             raise UserError(f"--sweep {item!r}: {key!r} is not a sample.* key (valid: {', '.join(sorted(keys))})")
         if key in (k for k, _ in parsed):

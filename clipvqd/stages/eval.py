@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from clipvqd import checkpoint
@@ -121,7 +122,10 @@ def evaluate(config: Config, project: Project, samples_dir: Path, rows: list[dic
     for start in range(0, len(rows), ec.batch_size):
         pixels = [_load_pixels(f) for f in files[start:start + ec.batch_size]]
         part = prompts[start:start + ec.batch_size]
-        emb = clip.embed_images(from_uint8(np.stack(pixels)), config.clip.batch_size).float().cpu()
+        if len({px.shape for px in pixels}) == 1:
+            emb = clip.embed_images(from_uint8(np.stack(pixels)), config.clip.batch_size).float().cpu()
+        else:  # a folder of mixed sizes: one image at a time
+            emb = torch.cat([clip.embed_images(from_uint8(px[None])).float().cpu() for px in pixels])
         for p, e in zip(part, emb):
             cosines.append(float(clip_score_cosine(e, text_emb[p])) if p in text_emb else float("nan"))
             clamped.append(float(clip_score_torchmetrics(e, text_emb[p])) if p in text_emb else float("nan"))
@@ -134,6 +138,11 @@ def evaluate(config: Config, project: Project, samples_dir: Path, rows: list[dic
     per_prompt = max(Counter(prompts).values())
     best = judging.best_per_prompt(prompts, [c if c == c else -2.0 for c in cosines])
     m: dict = {"images": len(rows), "prompts": len(set(prompts)), "samples per prompt": per_prompt}
+    for key, label in (("model", "model (as sampled)"), ("guidance", "guidance (as sampled)"),
+                       ("truncation", "truncation (as sampled)"), ("steps", "steps (as sampled)")):
+        seen = {r.get(key) for r in rows}
+        if len(seen) == 1 and None not in seen:
+            m[label] = seen.pop()
     scored = [i for i, c in enumerate(cosines) if c == c]
     if ec.clip_score and scored:
         best_scored = [i for i in best if cosines[i] == cosines[i]]
@@ -259,6 +268,9 @@ def run_sweep(config: Config, project: Project, sweeps: list[str], name: str | N
 
 def run(config: Config, project: Project, samples_dir: Path | None = None, sweeps: list[str] = (),
         name: str | None = None) -> dict:
+    """Evaluate SAMPLES_DIR, or generate what eval.protocol needs first; with ``sweeps``, a whole grid.
+
+    Returns the flat dict the CLI prints; the reports go to eval/<name>.json and .md."""
     if sweeps:
         if samples_dir is not None:
             raise UserError("--sweep samples at every grid point; it cannot evaluate a given SAMPLES_DIR")
