@@ -272,14 +272,13 @@ class Schedule:
         base_st, bump_st = per_position(s, t)
         #   log(ᾱ_s v_k + β̄_s Z) = log(ᾱ_s w_k + β̄_s) + log Z, evaluated with exp/log
         #   (much faster than logaddexp on CPU); w below e^-70 counts as 0.
-        out = torch.empty((B, K + 1, L), dtype=self.dtype, device=log_x0.device)
-        real = out[:, :K]
-        torch.sub(v, log_z, out=real).clamp_(min=LOG_ZERO).exp_()
-        real.mul_(self._pair("log_a", zero, s).exp()).add_(self._pair("log_b", zero, s).exp()).log_()
-        real.add_(log_z + base_st).scatter_add_(1, j, bump_st)
+        #   (out of place throughout, so the loss can backpropagate through it)
+        w = (v - log_z).clamp(min=LOG_ZERO).exp()
+        real = torch.addcmul(self._pair("log_b", zero, s).exp(), w, self._pair("log_a", zero, s).exp()).log()
+        real = (real + (log_z + base_st)).scatter_add(1, j, bump_st)
         lik_mask = torch.where(is_mask, no_bump, torch.full_like(no_bump, LOG_ZERO))
-        out[:, K:] = self._pair("log_c", zero, s) + log_z + lik_mask
-        return out.clamp_(LOG_ZERO, 0.0)
+        mask_row = self._pair("log_c", zero, s) + log_z + lik_mask
+        return torch.cat([real, mask_row], dim=1).clamp(LOG_ZERO, 0.0)
 
 
 # ---------------------------------------------------------------------- loss

@@ -30,7 +30,7 @@ def guide(log_cond: torch.Tensor, log_uncond: torch.Tensor, scale: float) -> tor
     if scale == 1:
         return log_cond
     g = torch.lerp(log_uncond, log_cond, float(scale))  # u + scale (c - u)
-    return g.sub_(g.logsumexp(dim=1, keepdim=True)).clamp_(LOG_ZERO, 0.0)
+    return (g - g.logsumexp(dim=1, keepdim=True)).clamp(LOG_ZERO, 0.0)
 
 
 def truncate(log_p: torch.Tensor, r: float, first_k: int = 16) -> torch.Tensor:

@@ -311,3 +311,17 @@ def test_sample_categorical_frequencies_and_seed():
     # unnormalised input gives the same draws (Gumbel-max is shift invariant)
     again = sample_categorical(log_p - 3.0, torch.Generator().manual_seed(0))
     assert torch.equal(draws, again)
+
+
+def test_loss_backpropagates():
+    sch = Schedule(K, T)
+    gen = torch.Generator().manual_seed(8)
+    B = 4
+    x0 = torch.randint(0, K, (B, L), generator=gen)
+    t = torch.tensor([1, 2, 5, 8])
+    x_t = sch.q_sample(x0, t, gen)
+    logits = torch.randn(B, K, L, generator=gen, requires_grad=True)
+    terms = vlb_loss(logits.log_softmax(1), x0, x_t, t, sch, pt=torch.full((B,), 1 / T))
+    terms["loss"].backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    assert not terms["vlb_per_sample"].requires_grad

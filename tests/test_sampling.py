@@ -154,3 +154,14 @@ def test_sample_with_a_real_denoiser():
     out = sample(model, sch, cond, cfg.seq_len, steps=4, guidance=3.0, truncation=0.9,
                  generator=torch.Generator().manual_seed(2), null_cond=model.null_condition(1)[0])
     assert out.shape == (4, 6) and (out < K).all()
+
+
+def test_sample_under_bf16_autocast():
+    torch.manual_seed(0)
+    cfg = DenoiserConfig(num_classes=K, height=2, width=3, layers=1, dim=16, heads=2, cond_dim=C, timesteps=10)
+    model = Denoiser(cfg).eval()
+    cond = torch.randn(2, C, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sample(model, Schedule(K, 10), cond, cfg.seq_len, steps=3, guidance=2.0, truncation=0.9,
+                     generator=torch.Generator().manual_seed(2), null_cond=model.null_condition(1)[0])
+    assert out.shape == (2, 6) and (out < K).all()

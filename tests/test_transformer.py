@@ -86,7 +86,7 @@ def test_init_and_null_condition():
     model = Denoiser(tiny("linear", dim=64, layers=4))
     w = torch.cat([m.weight.detach().flatten() for m in model.modules() if isinstance(m, torch.nn.Linear)])
     assert abs(float(w.std()) - 0.02) < 0.002
-    assert all(float(m.bias.abs().max()) == 0 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in model.modules() if isinstance(m, torch.nn.Linear))
     null = model.null_condition(3)
     assert null.shape == (3, 8) and torch.allclose(null.norm(dim=1), torch.ones(3))
     assert torch.equal(model.null_condition(2, normalized=False)[0], model.null_cond.detach())
