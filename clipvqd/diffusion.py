@@ -60,16 +60,32 @@ def log_onehot(tokens: torch.Tensor, num_states: int, dtype=torch.float32) -> to
     return out.scatter_(1, tokens.unsqueeze(1).long(), 0.0)
 
 
-def sample_categorical(log_p: torch.Tensor, generator: torch.Generator, dim: int = 1) -> torch.Tensor:
+def uniform(shape, generator) -> torch.Tensor:
+    """float32 U[0, 1) numbers on the generator's device.
+
+    ``generator`` is one ``torch.Generator``, or a list with one generator per
+    row (``shape[0]``), so that each batch row is reproducible from its own seed
+    whatever else is in the batch.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {shape[0]} rows")
+        rows = [torch.rand(tuple(shape[1:]), generator=g, device=g.device) for g in generator]
+        return torch.stack([r.to(rows[0].device) for r in rows])
+    return torch.rand(tuple(shape), generator=generator, device=generator.device)
+
+
+def sample_categorical(log_p: torch.Tensor, generator, dim: int = 1) -> torch.Tensor:
     """Exact draw from (possibly unnormalised) log-probabilities along ``dim``.
 
     Gumbel-max: argmax(log p + G) with G = -log(-log U), U uniform, i.e.
     argmax(log p - log E) with E = -log U ~ Exp(1). The uniforms come from
-    ``generator`` on its own device (moved if that differs). E is floored at
+    ``generator`` (one, or one per row: see :func:`uniform`) on its own device,
+    moved if that differs. E is floored at
     float32 eps, which caps G at about 16, so a log-0 (-70) class never wins.
     (``Tensor.exponential_`` would save one op but is several times slower on CPU.)
     """
-    u = torch.rand(log_p.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    u = uniform(log_p.shape, generator)
     e = u.clamp_(min=1e-30).log_().neg_().clamp_(min=torch.finfo(torch.float32).eps)
     e = e.to(device=log_p.device, dtype=log_p.dtype)
     return torch.sub(log_p, e.log_()).argmax(dim=dim)

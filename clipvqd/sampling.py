@@ -109,7 +109,7 @@ def sample(
     steps: int | None = None,
     guidance: float = 1.0,
     truncation: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     null_cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw token grids by running the reverse process from all-mask.
@@ -123,7 +123,10 @@ def sample(
             evenly strided subset of 1..T with the exact Δ-step posterior.
         guidance: classifier-free guidance scale (1 = no guidance, one forward).
         truncation: keep the top-r mass of p(x0) per position (1 = off).
-        generator: the source of every random draw (required).
+        generator: the source of every random draw (required): one
+            ``torch.Generator``, or a list of B (one per sample, so each sample
+            depends only on its own seed, as long as the denoiser treats batch
+            rows independently).
         null_cond: (C,) or (B, C) null condition; needed when guidance != 1.
     Returns:
         (B, L) long tokens in 0..K-1 (no mask left).

@@ -165,3 +165,15 @@ def test_sample_under_bf16_autocast():
         out = sample(model, Schedule(K, 10), cond, cfg.seq_len, steps=3, guidance=2.0, truncation=0.9,
                      generator=torch.Generator().manual_seed(2), null_cond=model.null_condition(1)[0])
     assert out.shape == (2, 6) and (out < K).all()
+
+
+def test_one_generator_per_row_makes_rows_independent_of_the_batch():
+    sch = Schedule(K, 10)
+    cond = torch.randn(3, C, generator=torch.Generator().manual_seed(1))
+    kw = dict(steps=4, guidance=2.0, truncation=0.95, null_cond=torch.zeros(C))
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    batch = sample(RandomDenoiser(), sch, cond, L, generator=gens([10, 11, 12]), **kw)
+    alone = sample(RandomDenoiser(), sch, cond[1:2], L, generator=gens([11]), **kw)
+    assert torch.equal(batch[1:2], alone)
+    other = sample(RandomDenoiser(), sch, cond, L, generator=gens([10, 99, 12]), **kw)
+    assert torch.equal(other[0], batch[0]) and torch.equal(other[2], batch[2])
