@@ -57,7 +57,7 @@ def truncate(log_p: torch.Tensor, r: float, first_k: int = 16) -> torch.Tensor:
         top = log_p.topk(k, dim=1).values  # (B, k, L), most likely first
         p_top = top.exp()
         cum = p_top.cumsum(dim=1)
-        n_keep = ((cum - p_top) < r).sum(dim=1, keepdim=True)  # >= 1: the top class always counts
+        n_keep = ((cum - p_top) < r).sum(dim=1, keepdim=True).clamp(min=1)  # the top class always counts
         by_top = cum[:, -1:] >= r
         tau = top.gather(1, n_keep - 1)
         if k == K or bool(by_top.all()):

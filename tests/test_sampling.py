@@ -74,6 +74,9 @@ def test_truncate_brute_force(r, K_, spread):
             assert torch.equal(out[b, kept, l], log_p[b, kept, l])
             assert int(p.argmax()) in keep and float(p[kept].sum()) >= r - 1e-6
     assert torch.equal(truncate(log_p, 1.0), log_p)
+    # r <= 0 still keeps exactly the top class
+    only_top = truncate(log_p, 0.0)
+    assert torch.equal((only_top > -70).sum(1), torch.ones(2, 9, dtype=torch.long))
 
 
 def test_timestep_subset():
