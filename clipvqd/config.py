@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,7 +220,7 @@ def _expected(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return "a list of integers"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}[tp]
 
 
 def _coerce(value: Any, tp, from_text: bool):
@@ -256,8 +257,10 @@ def _coerce(value: Any, tp, from_text: bool):
         return value
     if tp is float:
         if from_text:
-            return float(value.strip())
-        if type(value) not in (int, float):
+            value = float(value.strip())
+        elif type(value) not in (int, float):
+            raise ValueError
+        if not math.isfinite(value):  # nan/inf pass every range check; no knob wants them
             raise ValueError
         return float(value)
     if tp is str:

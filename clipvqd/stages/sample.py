@@ -113,6 +113,8 @@ def run(config: Config, project: Project, prompt: str | None = None, prompts_fil
     prompts = read_prompts(prompt, prompts_file)
     if image is None and not prompts:
         raise UserError("nothing to sample: give a prompt, --prompts FILE or --image REF.png")
+    if sc.name and (Path(sc.name).name != sc.name or sc.name in (".", "..")):
+        raise UserError(f"sample.name = {sc.name!r} must be a plain folder name (it goes under samples/)")
     if image is not None and not Path(image).is_file():  # before minutes of model loading
         raise UserError(f"--image {image}: no such file")
     gen = Generator(config, project)
