@@ -337,3 +337,15 @@ def test_read_metadata_refuses_a_pickle_directly(tmp_path, bombs):
         with pytest.raises(UserError, match="never loads pickled"):
             checkpoint.read_metadata(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["pt", "pth", "safetensors"])
+def test_pickle_as_inception_file_is_refused(bombs, kind):
+    """eval.inception_weights is TorchScript (clean-fid's format): torch.jit.load's
+    unpickler resolves no Python globals, so a bomb is an error, not a run."""
+    from clipvqd.fid import InceptionExtractor
+
+    files, marker = bombs
+    with pytest.raises(UserError, match="not clean-fid's Inception"):
+        InceptionExtractor(files[kind])
+    assert not marker.exists()
