@@ -170,6 +170,13 @@ def _incomplete_tokens(root: Path) -> None:
     (root / "tokens" / "meta.json").write_text(json.dumps(meta))
 
 
+def _tokens_of_another_grid(root: Path) -> None:
+    write_fake_tokens(root, grid=16)
+    meta = json.loads((root / "tokens" / "meta.json").read_text())
+    meta["grid"] = [8, 8]
+    (root / "tokens" / "meta.json").write_text(json.dumps(meta))
+
+
 def _vq_file_with_edited_config(root: Path) -> None:
     """Weights of one VQ under the stored config of another (a hand-edited or mixed-up file)."""
     path = write_vq(root / "clipvqd.toml")
@@ -246,6 +253,10 @@ CASES = {
                                      ["32-entry codebook", "vq.codebook_size = 64", "clipvqd tokenize"]),
     "tokens of another VQ": (_vq_and_tokens_of_another_vq, ["train-diffusion"],
                              ["tokens/", "another VQ", "clipvqd tokenize"]),
+    "tokens of another image size": (_tokens_of_another_grid, ["train-diffusion"],
+                                     ["tokens/codes.npy", "8x8", "clipvqd tokenize"]),
+    "data.image_size changed after train-vq": (_vq, ["tokenize", "-s", "data.image_size=64"],
+                                               ["32 px", "data.image_size = 64", "clipvqd train-vq"]),
     "incomplete tokens": (_incomplete_tokens, ["train-diffusion"], ["incomplete", "clipvqd tokenize"]),
     "diffusion model of another VQ": (_denoiser_of_another_vq, ["sample", "x"],
                                       ["another VQ", "clipvqd tokenize", "clipvqd train-diffusion"]),

@@ -349,3 +349,21 @@ def test_pickle_as_inception_file_is_refused(bombs, kind):
     with pytest.raises(UserError, match="not clean-fid's Inception"):
         InceptionExtractor(files[kind])
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["codes.npy", "clip.npy"])
+def test_pickle_in_tokens_is_refused(tmp_path, bombs, name):
+    """tokens/ arrays are read with allow_pickle=False: a pickle (raw, or an
+    object array inside a real .npy) is an error naming tokens/, never run."""
+    import numpy as np
+
+    files, marker = bombs
+    project = write_tiny_project(tmp_path / "proj")
+    write_fake_tokens(project.parent)
+    target = project.parent / "tokens" / name
+    target.write_bytes(files["pth"].read_bytes())
+    _one_line_error(_cli("train-diffusion", "--project", str(project)), "tokens/", "clipvqd tokenize")
+    with open(target, "wb") as fh:
+        np.save(fh, np.array([_Bomb(marker)], dtype=object), allow_pickle=True)
+    _one_line_error(_cli("train-diffusion", "--project", str(project)), "tokens/", "clipvqd tokenize")
+    assert not marker.exists()

@@ -20,6 +20,7 @@ import torch
 from clipvqd import checkpoint
 from clipvqd.config import Config, config_to_dict
 from clipvqd.data import open_images
+from clipvqd.errors import UserError
 from clipvqd.models import load_vq
 from clipvqd.project import Project
 from clipvqd.stages.common import autocast, configured_clip, device_of, resolved_data
@@ -43,6 +44,9 @@ def read_meta(project: Project) -> dict | None:
 def run(config: Config, project: Project) -> dict:
     device = device_of(config)
     vq, _ = load_vq(project.require(project.vq.model, "vq"), device)
+    if vq.cfg.image_size != config.data.image_size:  # the codes would not fill the VQ's token grid
+        raise UserError(f"vq/model.safetensors was trained at {vq.cfg.image_size} px but data.image_size = "
+                        f"{config.data.image_size}: restore data.image_size, or rerun `clipvqd train-vq` at the new size")
     clip = configured_clip(config, project, device)
     wanted = provenance(config, project, clip.name)
     meta = read_meta(project)

@@ -59,8 +59,14 @@ def load_tokens(config: Config, project: Project) -> tuple[np.ndarray, np.ndarra
         )
     if project.vq.model.exists() and checkpoint.file_sha256(project.vq.model) != meta["vq_sha256"]:
         raise UserError("tokens/ were made by another VQ than vq/model.safetensors: rerun `clipvqd tokenize`")
-    codes = np.load(folder / "codes.npy", allow_pickle=False)
-    embeds = np.load(folder / "clip.npy", allow_pickle=False)
+    try:  # allow_pickle=False: a pickle here is refused, never run
+        codes = np.load(folder / "codes.npy", allow_pickle=False)
+        embeds = np.load(folder / "clip.npy", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"tokens/ holds an unreadable array ({exc}): rerun `clipvqd tokenize`") from None
+    if codes.ndim != 2 or codes.shape[1] != meta["grid"][0] * meta["grid"][1]:
+        raise UserError(f"tokens/codes.npy holds {codes.shape[-1]} codes per image but meta.json says a "
+                        f"{meta['grid'][0]}x{meta['grid'][1]} grid: rerun `clipvqd tokenize`")
     if codes.shape[0] != meta["count"] or embeds.shape[0] != meta["count"]:
         raise UserError("tokens/ is incomplete (array sizes differ from meta.json): rerun `clipvqd tokenize`")
     return codes, embeds, meta
