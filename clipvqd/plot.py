@@ -46,7 +46,7 @@ def line_chart(series: dict[str, list[tuple[object, float]]], title: str = "", x
     width, height = size
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 70, width - 180, 34, height - 50
+    left, right, top, bottom = 70, width - 180, 44, height - 50
 
     xs_all = [x for points in series.values() for x, _ in points]
     categorical = any(not isinstance(x, (int, float)) for x in xs_all)
@@ -67,8 +67,7 @@ def line_chart(series: dict[str, list[tuple[object, float]]], title: str = "", x
         v = bottom - (y - y0) / ((y1 - y0) or 1) * (bottom - top)
         return u, v
 
-    draw.text((left, 10), title, fill="black", font=font)
-    draw.rectangle((left, top, right, bottom), outline="black")
+    draw.text((left, 6), title, fill="black", font=font)
     for t in y_ticks:
         _, v = px(x0, t)
         draw.line((left, v, right, v), fill=(225, 225, 225))
@@ -78,7 +77,8 @@ def line_chart(series: dict[str, list[tuple[object, float]]], title: str = "", x
         draw.line((u, bottom, u, bottom + 4), fill="black")
         draw.text((u - 10, bottom + 8), categories[i] if categorical else _fmt(t), fill="black", font=font)
     draw.text(((left + right) // 2 - 3 * len(x_label), height - 20), x_label, fill="black", font=font)
-    draw.text((8, top - 18), y_label, fill="black", font=font)
+    draw.text((8, top - 20), y_label, fill="black", font=font)
+    draw.rectangle((left, top, right, bottom), outline="black")  # the frame over the grid lines
 
     for k, (name, points) in enumerate(series.items()):
         colour = PALETTE[k % len(PALETTE)]

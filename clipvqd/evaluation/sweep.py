@@ -63,7 +63,7 @@ def markdown_table(points: list[dict], metrics: list[str]) -> str:
 def _cell(value) -> str:
     if value is None:
         return "-"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def plot(points: list[dict], metric: str, title: str):

@@ -258,7 +258,7 @@ def run_sweep(config: Config, project: Project, sweeps: list[str], name: str | N
     columns = [k for k in HEADLINE if any(k in p["metrics"] for p in points)]
     checkpoint.atomic_write_text(out / f"{name}-sweep.md", f"# sweep {name} ({protocol})\n\n"
                                  + sweeping.markdown_table(points, columns))
-    sweeping.plot(points, metric, f"{name}: {metric}").save(out / f"{name}-sweep.png")
+    sweeping.plot(points, metric, f"clipvqd eval sweep {name} ({protocol})").save(out / f"{name}-sweep.png")
     result: dict = {"protocol": protocol, "grid points": len(points), "plotted": metric,
                     "report": str(out / f"{name}-sweep.json")}
     for p in points:
