@@ -383,6 +383,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                 table = tomli.load(fh)
         except tomli.TOMLDecodeError as exc:
             raise UserError(f"{path}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not valid TOML: the file is not UTF-8 text") from None
         except OSError as exc:
             raise UserError(f"{path}: cannot read: {exc.strerror}") from None
         for section, value in table.items():

@@ -132,7 +132,11 @@ class Checkpointer:
         path = checkpoint.latest_checkpoint(self.folder)
         if path is None:
             return 0, {}, None
-        step, states, opts, info = checkpoint.load_training_state(path)
+        try:
+            step, states, opts, info = checkpoint.load_training_state(path)
+        except UserError as exc:  # damaged (copied, disk error): say how to go on from the one before
+            raise UserError(f"{exc}; delete it to resume from the checkpoint before it, "
+                            f"or delete {self.folder} to start over") from None
         for name, m in modules.items():
             if name not in states:
                 raise UserError(f"{path}: has no '{name}' state; delete {self.folder} to start over")

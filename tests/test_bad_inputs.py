@@ -221,6 +221,12 @@ CASES = {
     # -- files and folders
     "project path is a directory": (_no_setup, ["tokenize", "-p", "."], ["is a directory", "clipvqd.toml"]),
     "no project file": (_no_setup, ["tokenize", "-p", "nothere.toml"], ["nothere.toml", "clipvqd init"]),
+    "project file not UTF-8": (lambda root: (root / "clipvqd.toml").write_bytes(b"\xff\xfe[project]\n"),
+                               ["tokenize"], ["clipvqd.toml", "not valid TOML", "UTF-8"]),
+    "project file with a top-level key": (lambda root: (root / "clipvqd.toml").write_text("seed = 3\n"),
+                                          ["tokenize"], ["'seed' must be a [section] table"]),
+    "wrong type in the project file": (lambda root: (root / "clipvqd.toml").write_text("[train_vq]\nsteps = \"ten\"\n"),
+                                       ["train-vq"], ["clipvqd.toml", "train_vq.steps", "an integer"]),
     "unknown example": (_no_setup, ["init", "x", "--example", "cats"], ["cats", "shapes"]),
     "empty prompt": (_no_setup, ["sample", ""], ["prompt is empty"]),
     "blank prompt": (_no_setup, ["sample", "   "], ["prompt is empty"]),

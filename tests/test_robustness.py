@@ -367,3 +367,22 @@ def test_pickle_in_tokens_is_refused(tmp_path, bombs, name):
         np.save(fh, np.array([_Bomb(marker)], dtype=object), allow_pickle=True)
     _one_line_error(_cli("train-diffusion", "--project", str(project)), "tokens/", "clipvqd tokenize")
     assert not marker.exists()
+
+
+def test_a_damaged_newest_checkpoint_says_how_to_go_on(token_project):
+    """A checkpoint damaged outside clipvqd (a partial copy): one line naming it and
+    the way out; deleting it resumes from the one before, and training finishes."""
+    quiet = [*QUIET, "--set", "train_diffusion.steps=6"]
+    assert _cli("train-diffusion", "--project", str(token_project), *quiet).exit_code == 0
+    folder = token_project.parent / "diffusion" / "checkpoints"
+    (token_project.parent / "diffusion" / "model.safetensors").unlink()
+    newest = checkpoint.latest_checkpoint(folder)
+    assert newest.name == "step-0000006.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    result = _cli("train-diffusion", "--project", str(token_project), *quiet)
+    _one_line_error(result, "step-0000006.safetensors", "delete it to resume from the checkpoint before it")
+    newest.unlink()
+    again = _cli("train-diffusion", "--project", str(token_project), *quiet)
+    assert again.exit_code == 0, again.output
+    assert "resumed from step 3" in again.output
+    assert (token_project.parent / "diffusion" / "model.safetensors").is_file()
