@@ -329,3 +329,26 @@ def test_generate_goes_through_the_sampling_code(tmp_path, clip_file, monkeypatc
     eval_stage.generate(coco, project, "eval-coco")
     assert seen["n"] == 1
     assert sorted(label.split(" ", 1)[0] for label in seen["labels"]) == ["#0", "#1"]  # numbered apart
+
+
+@pytest.mark.slow
+def test_end_to_end_on_a_tiny_trained_project(tiny_project):
+    """Train the tiny project's models for a few steps, then `eval` generates and measures for real."""
+    from clipvqd.config import load_config
+    from clipvqd.stages import finetune_cfg, tokenize, train_diffusion, train_vq
+
+    config = load_config(tiny_project)
+    project = Project.from_file(tiny_project)
+    for stage in (train_vq, tokenize, train_diffusion, finetune_cfg):
+        stage.run(config, project)
+    config = config.replace(**{"eval.max_prompts": 1, "eval.samples_per_prompt": 2, "eval.reference_count": 8})
+    result = eval_stage.run(config, project)
+    assert result["images"] == 4 and result["model (as sampled)"] == "diffusion-cfg"
+    assert result["IS kind"].startswith("IS (tiny-CLIP zero-shot") and np.isfinite(result["FID"])
+    assert "judge held-out, all samples" in result and "judge in-distribution, best of 2 by CLIP" in result
+    rows = [json.loads(line) for line in (project.samples("eval-shapes") / "index.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [p for p in eval_stage.protocol_prompts(config, project)[0] for _ in range(2)]
+    assert json.loads((project.eval_dir / "shapes.json").read_text())["metrics"]["images"] == 4
+    sweep = eval_stage.run(config, project, sweeps=["guidance=1,2"], name="g")
+    assert sweep["grid points"] == 2
+    assert all((project.eval_dir / f"g-sweep.{ext}").is_file() for ext in ("json", "md", "png"))
