@@ -195,13 +195,16 @@ def test_nan_at_the_first_step_says_no_checkpoint_was_saved(token_project, monke
     assert not (token_project.parent / "diffusion" / "model.safetensors").exists()
 
 
-def test_huge_learning_rate_stops_train_vq_with_a_clear_message(tmp_path):
-    """No monkeypatching: a learning rate of 1e30 blows the VQ up for real."""
+@pytest.mark.parametrize("stage, folder", [("train-vq", "vq"), ("train-diffusion", "diffusion")])
+def test_huge_learning_rate_stops_training_with_a_clear_message(tmp_path, stage, folder):
+    """No monkeypatching: a learning rate of 1e30 blows the model up for real."""
     project = write_tiny_project(tmp_path / "proj")
-    result = _cli("train-vq", "--project", str(project), "--set", "train_vq.lr=1e30", *QUIET)
+    write_fake_tokens(project.parent)
+    section = stage.replace("-", "_")
+    result = _cli(stage, "--project", str(project), "--set", f"{section}.lr=1e30", *QUIET)
     line = _one_line_error(result, "NaN/Inf at step", "learning rate")
-    assert not (tmp_path / "proj" / "vq" / "model.safetensors").exists()
-    last = checkpoint.latest_checkpoint(tmp_path / "proj" / "vq" / "checkpoints")
+    assert not (tmp_path / "proj" / folder / "model.safetensors").exists()
+    last = checkpoint.latest_checkpoint(tmp_path / "proj" / folder / "checkpoints")
     if last is not None:  # any checkpoint kept is from before the blow-up
         step = checkpoint.load_training_state(last)[0]
         assert f"step-{step:07d}" in line
