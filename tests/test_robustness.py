@@ -389,3 +389,14 @@ def test_a_damaged_newest_checkpoint_says_how_to_go_on(token_project):
     assert again.exit_code == 0, again.output
     assert "resumed from step 3" in again.output
     assert (token_project.parent / "diffusion" / "model.safetensors").is_file()
+
+
+def test_lowering_steps_below_the_checkpoint_is_an_error_not_a_relabelled_model(token_project):
+    """Resuming a 12-step run with steps = 6 used to rewrite model.safetensors as a
+    "6-step" model holding the step-12 weights ('-6 steps this run')."""
+    assert _cli("train-diffusion", "--project", str(token_project), *QUIET).exit_code == 0
+    model = token_project.parent / "diffusion" / "model.safetensors"
+    before = model.read_bytes()
+    result = _cli("train-diffusion", "--project", str(token_project), *QUIET, "--set", "train_diffusion.steps=6")
+    _one_line_error(result, "step-0000012.safetensors", "step 12", "train_diffusion.steps = 6", "delete")
+    assert model.read_bytes() == before
