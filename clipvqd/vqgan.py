@@ -395,7 +395,7 @@ class GumbelVQGAN(nn.Module):
     # -- main entry points -------------------------------------------------
 
     def forward(self, x: torch.Tensor, tau: float, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        logits = self.logits(x)
+        logits = self.logits(x).float()  # quantiser math in fp32 even under autocast
         y, _, codes = gumbel_softmax_st(logits, tau, generator, dim=1)
         recon = self.decode_latent(self.embed(y))
         kl_raw = kl_to_uniform(logits, dim=1)
