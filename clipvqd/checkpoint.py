@@ -182,5 +182,18 @@ def prune_checkpoints(folder: Path, keep: int = 2) -> None:
         p.unlink(missing_ok=True)
     for p in folder.iterdir():  # left by a process killed mid-save (its cleanup never ran)
         m = _TMP_FILE.match(p.name)
-        if m and int(m.group(1)) != os.getpid():
+        if m and not _process_alive(int(m.group(1))):
             p.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (ours counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # exists, but belongs to another user
+        return True
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True

@@ -137,12 +137,15 @@ def test_temporary_files_left_by_a_killed_save_are_ignored_and_pruned(tmp_path):
     folder = tmp_path / "checkpoints"
     state = {"model": {"w": torch.ones(2)}}
     checkpoint.save_training_state(checkpoint.checkpoint_path(folder, 3), 3, state, {})
-    stale = folder / ".step-0000006.safetensors.tmp-999999"
+    stale = folder / ".step-0000006.safetensors.tmp-4999999"  # above Linux's largest pid: that process is gone
+    live = folder / f".step-0000009.safetensors.tmp-{os.getppid()}"  # a live process's save in progress: kept
+    live.write_bytes(b"being written")
     stale.write_bytes(b"half a file")
     assert checkpoint.latest_checkpoint(folder) == checkpoint.checkpoint_path(folder, 3)
     checkpoint.save_training_state(checkpoint.checkpoint_path(folder, 6), 6, state, {})
     checkpoint.prune_checkpoints(folder, keep=2)
-    assert not stale.exists()
+    assert not stale.exists() and live.exists()
+    live.unlink()
     assert sorted(p.name for p in folder.iterdir()) == ["step-0000003.safetensors", "step-0000006.safetensors"]
 
 
