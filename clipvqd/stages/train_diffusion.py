@@ -89,7 +89,9 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
 
     td = config.train_diffusion
     seed = config.project.seed
-    acc = make_accelerator(config.project)
+    # The null condition is trained only by the guidance fine-tune, and there it enters through the
+    # condition rather than a module call, so DDP must look for it in the graph.
+    acc = make_accelerator(config.project, find_unused_parameters=s.drop_prob > 0)
     codes_np, embeds_np, meta = load_tokens(config, project)
     torch.manual_seed(seed)  # weight init only
     model = Denoiser(denoiser_config(config, tuple(meta["grid"]), meta["embed_dim"]))
@@ -99,6 +101,7 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
             raise UserError(f"{s.init_from} was trained with another [transformer] or [vq] configuration: "
                             "rerun `clipvqd train-diffusion` with the current config")
         model.load_state_dict(state)
+    model.null_cond.requires_grad_(s.drop_prob > 0)
     schedule = Schedule(config.vq.codebook_size, **_schedule_args(config)).to(acc.device)
     sampler = TimestepSampler(config.diffusion.timesteps)
     global_batch = s.batch_size * config.project.grad_accum * acc.num_processes
