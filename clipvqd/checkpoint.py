@@ -197,3 +197,28 @@ def _process_alive(pid: int) -> bool:
     except (ProcessLookupError, OverflowError):
         return False
     return True
+
+
+def load_foreign_weights(path: Path, what: str) -> dict:
+    """A third-party weights file as a dict of tensors: safetensors, or a torch
+    file read with ``weights_only=True`` (never unpickling code). Anything
+    else is a UserError that says the file was refused, not run."""
+    import warnings
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # weights_only refusals, truncated or foreign files: all the user's to fix
+        raise UserError(
+            f"{what} {path} was refused: it is not a file of plain tensors, and clipvqd never unpickles code; "
+            "convert weights you trust to .safetensors"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{what} {path} does not hold a state dict")
+    return state

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from clipvqd.checkpoint import load_foreign_weights
 from clipvqd.errors import UserError
 
 log = logging.getLogger("clipvqd")
@@ -184,17 +185,7 @@ def _load_tag(spec: _Spec, model: str) -> torch.nn.Module:
 
 def _load_weights(module: torch.nn.Module, path: Path) -> None:
     """Load a local state dict into `module` (safetensors directly; .pt/.bin with weights_only)."""
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
-    except Exception as error:
-        raise UserError(f"cannot read CLIP weights {path}: {error}") from error
-    if not isinstance(state, dict):
-        raise UserError(f"{path} does not hold a state dict")
+    state = load_foreign_weights(path, "CLIP weights")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     if "logit_scale" in state and state["logit_scale"].ndim != module.logit_scale.ndim:
         state["logit_scale"] = state["logit_scale"].reshape(module.logit_scale.shape)

@@ -71,6 +71,7 @@ class VQConfig:
     tau_start: float = knob(0.9, "Gumbel temperature at the first step", gt=0)
     tau_end: float = knob(0.01, "Gumbel temperature at the last step (cosine decay)", gt=0)
     kl_weight: float = knob(5e-5, "weight of the KL to the uniform prior over codes", ge=0)
+    gumbel_noise: float = knob(1.0, "scale of the Gumbel noise in training (1 = the paper; less trains faster)", ge=0)
 
     @property
     def downsample(self) -> int:

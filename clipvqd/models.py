@@ -19,7 +19,7 @@ def vq_config(config: Config) -> VQGANConfig:
         base_channels=vq.base_channels, channel_mult=vq.channel_mult, num_res_blocks=vq.num_res_blocks,
         attn_resolutions=vq.attn_resolutions, image_size=config.data.image_size,
         codebook_size=vq.codebook_size, embed_dim=vq.embed_dim, tau_start=vq.tau_start,
-        tau_end=vq.tau_end, kl_weight=vq.kl_weight,
+        tau_end=vq.tau_end, kl_weight=vq.kl_weight, gumbel_noise=vq.gumbel_noise,
     )
 
 

@@ -73,6 +73,7 @@ class VQGANConfig:
     tau_start: float = 0.9
     tau_end: float = 0.01
     kl_weight: float = 5e-5
+    gumbel_noise: float = 1.0
 
     def __post_init__(self) -> None:
         # Accept lists (from TOML / JSON) and store tuples so the config stays hashable.
@@ -151,7 +152,7 @@ def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator
 
 
 def gumbel_softmax_st(logits: torch.Tensor, tau: float, generator: torch.Generator,
-                      dim: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      dim: int = 1, noise_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hard Gumbel-softmax with a straight-through gradient.
 
     Returns ``(y, y_soft, codes)``:
@@ -160,11 +161,14 @@ def gumbel_softmax_st(logits: torch.Tensor, tau: float, generator: torch.Generat
       - ``y = one_hot(codes) + (y_soft - y_soft.detach())``: exactly one-hot in
         the forward pass (the added term is exactly zero), with the gradient
         of ``y_soft`` in the backward pass.
+
+    ``noise_scale`` multiplies g: 1 is the Gumbel-softmax of the paper; smaller
+    values draw codes closer to the argmax that ``encode`` uses.
     """
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
     g = gumbel_noise(logits.shape, generator, device=logits.device, dtype=logits.dtype)
-    y_soft = torch.softmax((logits + g) / tau, dim=dim)
+    y_soft = torch.softmax((logits + noise_scale * g) / tau, dim=dim)
     codes = y_soft.argmax(dim=dim)
     y_hard = torch.zeros_like(y_soft).scatter_(dim, codes.unsqueeze(dim), 1.0)
     y = y_hard + (y_soft - y_soft.detach())
@@ -396,7 +400,7 @@ class GumbelVQGAN(nn.Module):
 
     def forward(self, x: torch.Tensor, tau: float, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         logits = self.logits(x).float()  # quantiser math in fp32 even under autocast
-        y, _, codes = gumbel_softmax_st(logits, tau, generator, dim=1)
+        y, _, codes = gumbel_softmax_st(logits, tau, generator, dim=1, noise_scale=self.cfg.gumbel_noise)
         recon = self.decode_latent(self.embed(y))
         kl_raw = kl_to_uniform(logits, dim=1)
         usage, perplexity = codebook_stats(codes.detach(), self.cfg.codebook_size)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipvqd.checkpoint import load_foreign_weights
 from clipvqd.errors import UserError
 
 __all__ = [
@@ -76,17 +77,7 @@ def _vgg16_features() -> nn.Sequential:
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or foreign file: the user's to fix
-        raise UserError(f"cannot read weights file {path}: {exc}") from exc
-    if not isinstance(state, dict):
-        raise UserError(f"weights file {path} does not hold a state dict")
-    return state
+    return load_foreign_weights(path, "weights file")
 
 
 def _check_file(path: str | Path | None, what: str) -> Path:

@@ -369,3 +369,14 @@ def test_tiny_vq_overfits_fixed_batch():
         final = l1_loss(model.decode(model.encode(x)), x).item()
     # measured: final / first about 0.17-0.19 for seeds 0-2
     assert final < 0.35 * losses[0], (losses[0], final)
+
+
+def test_gumbel_noise_scale_zero_draws_the_argmax_and_one_keeps_gumbel():
+    from clipvqd.vqgan import gumbel_softmax_st
+
+    logits = torch.randn(2, 7, 3, 3, generator=torch.Generator().manual_seed(1))
+    _, _, codes = gumbel_softmax_st(logits, 0.5, torch.Generator().manual_seed(2), noise_scale=0.0)
+    assert torch.equal(codes, logits.argmax(1))
+    _, _, a = gumbel_softmax_st(logits, 0.5, torch.Generator().manual_seed(3))
+    _, _, b = gumbel_softmax_st(logits, 0.5, torch.Generator().manual_seed(3), noise_scale=1.0)
+    assert torch.equal(a, b)
