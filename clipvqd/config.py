@@ -46,7 +46,7 @@ class ProjectConfig:
 class DataConfig:
     source: Literal["folder", "hf", "shapes"] = knob("shapes", "folder of images | saved Hugging Face dataset | built-in shapes world")
     path: str = knob("", "image folder or saved dataset (folder and hf sources)")
-    image_size: int = knob(64, "training resolution in pixels (short side resized, centre-cropped)", ge=8)
+    image_size: int = knob(32, "training resolution in pixels (short side resized, centre-cropped)", ge=8)
     count: int = knob(5000, "number of generated training images (shapes source)", ge=1)
     seed: int = knob(0, "seed of the generated training set (shapes source)", ge=0)
     hf_split: str = knob("train", "split to use when a saved dataset has several")
@@ -62,16 +62,16 @@ class ClipConfig:
 
 @dataclass(frozen=True)
 class VQConfig:
-    codebook_size: int = knob(512, "K: number of codebook entries (tokens)", ge=2, le=65535)
-    embed_dim: int = knob(64, "d: codebook vector width", ge=1)
-    base_channels: int = knob(32, "channels of the first encoder level", ge=1)
-    channel_mult: tuple[int, ...] = knob((1, 2, 2, 4), "channel multiplier per level; downsampling f = 2**(levels-1)")
+    codebook_size: int = knob(256, "K: number of codebook entries (tokens)", ge=2, le=65535)
+    embed_dim: int = knob(32, "d: codebook vector width", ge=1)
+    base_channels: int = knob(16, "channels of the first encoder level", ge=1)
+    channel_mult: tuple[int, ...] = knob((1, 2, 2), "channel multiplier per level; downsampling f = 2**(levels-1)")
     num_res_blocks: int = knob(1, "residual blocks per level", ge=1)
     attn_resolutions: tuple[int, ...] = knob((), "feature-map sizes (pixels) that get self-attention")
-    tau_start: float = knob(0.9, "Gumbel temperature at the first step", gt=0)
-    tau_end: float = knob(0.01, "Gumbel temperature at the last step (cosine decay)", gt=0)
+    tau_start: float = knob(1.0, "Gumbel temperature at the first step", gt=0)
+    tau_end: float = knob(0.3, "Gumbel temperature at the last step (cosine decay)", gt=0)
     kl_weight: float = knob(5e-5, "weight of the KL to the uniform prior over codes", ge=0)
-    gumbel_noise: float = knob(1.0, "scale of the Gumbel noise in training (1 = the paper; less trains faster)", ge=0)
+    gumbel_noise: float = knob(0.0, "scale of the Gumbel noise in training (1 = the paper; 0 = straight-through argmax, fastest on a CPU)", ge=0)
 
     @property
     def downsample(self) -> int:
@@ -80,9 +80,9 @@ class VQConfig:
 
 @dataclass(frozen=True)
 class TrainVQConfig:
-    steps: int = knob(1500, "optimisation steps", ge=1)
+    steps: int = knob(2500, "optimisation steps", ge=1)
     batch_size: int = knob(16, "images per step per process", ge=1)
-    lr: float = knob(4e-4, "Adam learning rate (per image if scale_lr)", gt=0)
+    lr: float = knob(2e-3, "Adam learning rate (per image if scale_lr)", gt=0)
     scale_lr: bool = knob(False, "multiply lr by the global batch size (the paper: 4.5e-6 x batch)")
     l1_weight: float = knob(1.0, "weight of the L1 reconstruction loss", ge=0)
     perceptual_weight: float = knob(0.0, "weight of the LPIPS-style VGG16 loss (needs perceptual_weights)", ge=0)
@@ -108,16 +108,16 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class TransformerConfig:
-    layers: int = knob(6, "transformer blocks", ge=1)
-    width: int = knob(192, "model width", ge=8)
-    heads: int = knob(6, "attention heads (must divide width)", ge=1)
+    layers: int = knob(4, "transformer blocks", ge=1)
+    width: int = knob(128, "model width", ge=8)
+    heads: int = knob(4, "attention heads (must divide width)", ge=1)
     mlp: Literal["conv", "linear"] = knob("linear", "MLP of each block: 3x3 convs on the token grid (paper) or linear")
     mlp_ratio: int = knob(4, "MLP hidden width = mlp_ratio x width", ge=1)
 
 
 @dataclass(frozen=True)
 class TrainDiffusionConfig:
-    steps: int = knob(2000, "optimisation steps", ge=1)
+    steps: int = knob(1500, "optimisation steps", ge=1)
     batch_size: int = knob(32, "token grids per step per process", ge=1)
     lr: float = knob(1e-3, "AdamW peak learning rate (per sample if scale_lr)", gt=0)
     scale_lr: bool = knob(False, "multiply lr by the global batch size (VQ-Diffusion: 3e-6 x batch)")
@@ -132,7 +132,7 @@ class TrainDiffusionConfig:
 
 @dataclass(frozen=True)
 class FinetuneCfgConfig:
-    steps: int = knob(500, "optimisation steps of the guidance fine-tune", ge=1)
+    steps: int = knob(300, "optimisation steps of the guidance fine-tune", ge=1)
     batch_size: int = knob(32, "token grids per step per process", ge=1)
     lr: float = knob(3e-4, "AdamW peak learning rate (per sample if scale_lr)", gt=0)
     scale_lr: bool = knob(False, "multiply lr by the global batch size")

@@ -6,6 +6,7 @@ attributes all equal the originals' (and per attribute), PSNR, codebook usage
 and perplexity over the whole set.
 
     python examples/benchmarks/vq_quality.py PROJECT_DIR [--count 500]
+    python examples/benchmarks/vq_quality.py PROJECT_DIR --tokens   # judge the decoded tokens/ instead
 """
 
 from __future__ import annotations
@@ -17,22 +18,34 @@ from pathlib import Path
 
 import torch
 
+import numpy as np
+
+from clipvqd.config import load_config
 from clipvqd.models import load_vq
 from clipvqd.shapes.dataset import ShapesImages
 from clipvqd.shapes.judge import judge
-from clipvqd.shapes.world import render
 from clipvqd.vqgan import codebook_stats
 
 FRESH_SEED = 987_654  # never a training seed
 
 
-def measure(project_dir: Path, count: int, image_size: int | None = None) -> dict:
+def measure(project_dir: Path, count: int, from_tokens: bool = False) -> dict:
+    """Judge reconstructions of ``count`` fresh renders, or (``from_tokens``) the
+    decoded codes of the first ``count`` training images as tokenize stored them."""
     vq, _ = load_vq(Path(project_dir) / "vq" / "model.safetensors")
-    size = image_size or vq.cfg.image_size
-    data = ShapesImages(seed=FRESH_SEED, count=count, image_size=size)
+    size = vq.cfg.image_size
+    if from_tokens:
+        config = load_config(Path(project_dir) / "clipvqd.toml")
+        data = ShapesImages(seed=config.data.seed, count=config.data.count, image_size=size)
+        stored = np.load(Path(project_dir) / "tokens" / "codes.npy", allow_pickle=False)[:count]
+        count = len(stored)
+        codes = torch.from_numpy(stored.astype(np.int64)).view(count, vq.cfg.latent_size, vq.cfg.latent_size)
+    else:
+        data = ShapesImages(seed=FRESH_SEED, count=count, image_size=size)
     originals = torch.stack([data[i] for i in range(count)])
     with torch.no_grad():
-        codes = torch.cat([vq.encode(originals[i:i + 64]) for i in range(0, count, 64)])
+        if not from_tokens:
+            codes = torch.cat([vq.encode(originals[i:i + 64]) for i in range(0, count, 64)])
         recon = torch.cat([vq.decode(codes[i:i + 64]) for i in range(0, count, 64)]).clamp(-1, 1)
     names = ("shape", "colour", "background", "size", "position")
     agree = {n: 0 for n in names}
@@ -46,7 +59,7 @@ def measure(project_dir: Path, count: int, image_size: int | None = None) -> dic
     mse = ((recon - originals) / 2).pow(2).mean().item()  # images in [0, 1]
     usage, perplexity = codebook_stats(codes, vq.cfg.codebook_size)
     return {
-        "images": count, "image_size": size, "judge all attributes": all_ok / count,
+        "images": count, "source": "tokens/codes.npy" if from_tokens else "fresh renders", "image_size": size, "judge all attributes": all_ok / count,
         **{f"judge {n}": agree[n] / count for n in names},
         "PSNR dB": 10 * math.log10(1 / mse), "codebook usage": usage, "perplexity": perplexity,
         "codebook size": vq.cfg.codebook_size,
@@ -57,5 +70,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("project", type=Path)
     parser.add_argument("--count", type=int, default=500)
+    parser.add_argument("--tokens", action="store_true", help="judge the decoded tokens/ of the training set")
     args = parser.parse_args()
-    print(json.dumps(measure(args.project, args.count), indent=2))
+    print(json.dumps(measure(args.project, args.count, args.tokens), indent=2))
