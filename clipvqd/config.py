@@ -80,7 +80,7 @@ class VQConfig:
 
 @dataclass(frozen=True)
 class TrainVQConfig:
-    steps: int = knob(2500, "optimisation steps", ge=1)
+    steps: int = knob(2000, "optimisation steps", ge=1)
     batch_size: int = knob(16, "images per step per process", ge=1)
     lr: float = knob(2e-3, "Adam learning rate (per image if scale_lr)", gt=0)
     scale_lr: bool = knob(False, "multiply lr by the global batch size (the paper: 4.5e-6 x batch)")
@@ -117,7 +117,7 @@ class TransformerConfig:
 
 @dataclass(frozen=True)
 class TrainDiffusionConfig:
-    steps: int = knob(1500, "optimisation steps", ge=1)
+    steps: int = knob(1200, "optimisation steps", ge=1)
     batch_size: int = knob(32, "token grids per step per process", ge=1)
     lr: float = knob(1e-3, "AdamW peak learning rate (per sample if scale_lr)", gt=0)
     scale_lr: bool = knob(False, "multiply lr by the global batch size (VQ-Diffusion: 3e-6 x batch)")
@@ -132,7 +132,7 @@ class TrainDiffusionConfig:
 
 @dataclass(frozen=True)
 class FinetuneCfgConfig:
-    steps: int = knob(300, "optimisation steps of the guidance fine-tune", ge=1)
+    steps: int = knob(200, "optimisation steps of the guidance fine-tune", ge=1)
     batch_size: int = knob(32, "token grids per step per process", ge=1)
     lr: float = knob(3e-4, "AdamW peak learning rate (per sample if scale_lr)", gt=0)
     scale_lr: bool = knob(False, "multiply lr by the global batch size")

@@ -10,6 +10,7 @@ resumes or skips what is already done.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from clipvqd.templates import write_project_file
 
 # The demo evaluates this many prompts of each shapes prompt set.
 DEMO_PROMPTS = 6
-DEMO_OVERRIDES = [f"eval.max_prompts={DEMO_PROMPTS}", "eval.samples_per_prompt=16", "eval.protocol=shapes"]
+DEMO_SAMPLES = 16
+DEMO_OVERRIDES = [f"eval.max_prompts={DEMO_PROMPTS}", f"eval.samples_per_prompt={DEMO_SAMPLES}", "eval.protocol=shapes"]
 
 
 def run(directory: Path, console: Console) -> dict:
@@ -58,16 +60,18 @@ def run(directory: Path, console: Console) -> dict:
     table = Table(title="clipvqd demo: the shapes world, trained without a single caption")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    for key in ("judge in-distribution, best of n: all named", "judge held-out, best of n: all named",
+    metrics = json.loads((project.eval_dir / "demo.json").read_text())["metrics"]
+    best = f"best of {DEMO_SAMPLES} by CLIP"
+    for key in (f"judge in-distribution, {best}: all named", f"judge held-out, {best}: all named",
                 "judge in-distribution, all samples: all named", "judge held-out, all samples: all named",
                 "CLIP score (cosine, paper), best of n", "FID"):
-        if key in result:
-            value = result[key]
+        if key in metrics:
+            value = metrics[key]
             table.add_row(key, f"{value:.1%}" if key.startswith("judge") else f"{value:.3f}")
     console.print(table)
     console.print(f"contact sheet: {sheet}")
     console.print(f"total: {time.perf_counter() - started:.0f} s")
-    return {"contact sheet": str(sheet), **{k: v for k, v in result.items() if k.startswith("judge")}}
+    return {"contact sheet": str(sheet), **{k: v for k, v in metrics.items() if k.startswith("judge")}}
 
 
 def _best_sheet(project: Project, result: dict) -> Path:
