@@ -173,7 +173,7 @@ class EvalConfig:
     reference_path: str = knob("", "folder of real images for FID (shapes: generated when empty)")
     reference_count: int = knob(1000, "reference images generated for the shapes world", ge=2)
     samples_per_prompt: int = knob(16, "candidates sampled per prompt", ge=1)
-    max_prompts: int = knob(0, "use only the first N prompts of each set (0 = all)", ge=0)
+    max_prompts: int = knob(0, "use N prompts evenly spread through each set (0 = all)", ge=0)
     prompts_file: str = knob("", "prompts for ffhq64 (default: the paper's 64) or a custom list")
     captions_file: str = knob("", "captions for the coco protocol, one a line")
     caption_count: int = knob(30000, "random captions drawn for the coco protocol", ge=1)

@@ -352,3 +352,14 @@ def test_end_to_end_on_a_tiny_trained_project(tiny_project):
     sweep = eval_stage.run(config, project, sweeps=["guidance=1,2"], name="g")
     assert sweep["grid points"] == 2
     assert all((project.eval_dir / f"g-sweep.{ext}").is_file() for ext in ("json", "md", "png"))
+
+
+def test_max_prompts_spreads_through_the_set():
+    from clipvqd.evaluation.protocols import _spread
+
+    assert _spread(list(range(10)), 3) == [0, 3, 6]
+    assert _spread(list(range(4)), 9) == [0, 1, 2, 3]
+    from clipvqd.shapes.prompts import in_distribution_prompts
+
+    shapes = {named["shape"] for _, named in _spread(in_distribution_prompts(), 6)}
+    assert len(shapes) >= 3  # a short demo still sees several shapes

@@ -35,7 +35,7 @@ def _read_lines(path: Path, what: str) -> list[str]:
 def protocol_prompts(config: Config, project: Project) -> tuple[list[str], int]:
     """(prompts, samples per prompt) of the configured protocol."""
     ec = config.eval
-    cap = (lambda items: items[:ec.max_prompts]) if ec.max_prompts else (lambda items: items)
+    cap = (lambda items: _spread(items, ec.max_prompts)) if ec.max_prompts else (lambda items: items)
     if ec.protocol == "shapes":
         from clipvqd.shapes.prompts import heldout_prompts, in_distribution_prompts
 
@@ -71,3 +71,11 @@ def shapes_reference(config: Config, project: Project) -> Path:
     write_pngs(ShapesImages(meta["seed"], meta["count"], meta["image_size"]), folder / "images")
     checkpoint.atomic_write_text(meta_file, json.dumps(meta))
     return folder
+
+
+def _spread(items: list, n: int) -> list:
+    """``n`` items evenly spaced through ``items`` (all of them when n >= len), so a
+    short evaluation still covers every part of an ordered prompt set."""
+    if n >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // n] for i in range(n)]
