@@ -139,7 +139,7 @@ class FinetuneCfgConfig:
     warmup_steps: int = knob(50, "linear warmup steps", ge=0)
     drop_prob: float = knob(0.1, "probability of replacing the condition by the learned null vector", ge=0, le=1)
     raw_null_at_inference: bool = knob(False, "reproduce the reference: normalised null in training, raw at sampling")
-    log_every: int = knob(50, "steps between log lines", ge=1)
+    log_every: int = knob(20, "steps between log lines", ge=1)
     save_every: int = knob(250, "steps between resumable checkpoints", ge=1)
 
 
