@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,15 +61,21 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
-@pytest.mark.parametrize("stage", ["train-diffusion", "train-vq"])
+STAGE_DIRS = {"train-vq": "vq", "train-diffusion": "diffusion", "finetune-cfg": "diffusion-cfg"}
+
+
+@pytest.mark.parametrize("stage", ["train-diffusion", "finetune-cfg", "train-vq"])
 def test_sigkill_and_rerun_matches_uninterrupted(tmp_path, stage):
     rng = random.Random(stage)
     straight = write_tiny_project(tmp_path / "straight")
     killed = write_tiny_project(tmp_path / "killed")
-    if stage == "train-diffusion":
+    if stage != "train-vq":
         for p in (straight, killed):
             write_fake_tokens(p.parent)
-    sub = "diffusion" if stage == "train-diffusion" else "vq"
+    if stage == "finetune-cfg":  # both start from the same base model
+        assert _run(straight, "train-diffusion").returncode == 0
+        shutil.copytree(straight.parent / "diffusion", killed.parent / "diffusion")
+    sub = STAGE_DIRS[stage]
     assert _run(straight, stage).returncode == 0
     kills = _run_with_kills(killed, stage, killed.parent / sub, kills=2, rng=rng)
     assert kills >= 1
