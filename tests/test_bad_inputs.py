@@ -352,10 +352,8 @@ def test_brackets_in_messages_are_not_eaten_as_markup(tmp_path):
     assert_one_line_error(missing, "[/tmp]")
 
 
-SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "clipvqd" / "shapes" / "tiny_clip.safetensors"
 
 
-@pytest.mark.skipif(not SHIPPED_CLIP.is_file(), reason="the shipped tiny CLIP is not built yet")
 def test_shipped_clip_against_a_model_trained_on_other_embeddings(tmp_path):
     """The default [clip] (the shipped 64-dim tiny CLIP) with a model trained on 16-dim tokens."""
     root = tmp_path / "proj"
