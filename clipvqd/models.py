@@ -10,6 +10,7 @@ import torch
 from clipvqd import checkpoint
 from clipvqd.config import Config
 from clipvqd.errors import UserError
+from clipvqd.transformer import Denoiser, DenoiserConfig
 from clipvqd.vqgan import GumbelVQGAN, VQGANConfig
 
 
@@ -23,9 +24,7 @@ def vq_config(config: Config) -> VQGANConfig:
     )
 
 
-def denoiser_config(config: Config, grid: tuple[int, int], cond_dim: int):
-    from clipvqd.transformer import DenoiserConfig
-
+def denoiser_config(config: Config, grid: tuple[int, int], cond_dim: int) -> DenoiserConfig:
     tr = config.transformer
     return DenoiserConfig(
         num_classes=config.vq.codebook_size, height=grid[0], width=grid[1], layers=tr.layers,
@@ -49,10 +48,8 @@ def load_vq(path: Path, device="cpu") -> tuple[GumbelVQGAN, dict]:
     return model.to(device).eval(), meta
 
 
-def load_denoiser(path: Path, device="cpu"):
+def load_denoiser(path: Path, device="cpu") -> tuple[Denoiser, dict]:
     """The denoiser in ``path`` (eval mode) and the file's metadata (incl. the diffusion schedule)."""
-    from clipvqd.transformer import Denoiser, DenoiserConfig
-
     state, meta = checkpoint.load_model(path, "diffusion")
     model = Denoiser(DenoiserConfig(**meta["config"]))
     _load_into(model, state, path)

@@ -23,6 +23,7 @@ from clipvqd.diffusion import Schedule, TimestepSampler, vlb_loss
 from clipvqd.errors import UserError
 from clipvqd.models import denoiser_config
 from clipvqd.project import Project, StageDir
+from clipvqd.transformer import Denoiser
 from clipvqd.training import (
     EMA, Checkpointer, RunLog, batch_indices, check_finite, lr_factor, make_accelerator, set_lr, shard,
     step_generator,
@@ -85,8 +86,6 @@ def run(config: Config, project: Project) -> dict:
 
 
 def train(config: Config, project: Project, s: LoopSettings) -> dict:
-    from clipvqd.transformer import Denoiser
-
     td = config.train_diffusion
     seed = config.project.seed
     # The null condition is trained only by the guidance fine-tune, and there it enters through the
