@@ -2,7 +2,8 @@
 
 Generator step::
 
-    nll   = mean( l1_weight * |x - x_hat| ) + perceptual_weight * perceptual(x, x_hat)
+    nll   = l1_weight * mean|x - x_hat| + l2_weight * mean (x - x_hat)^2
+            + perceptual_weight * perceptual(x, x_hat)
     g     = -mean( D(x_hat) )                              (only once step >= disc_start)
     w     = clamp( ||grad nll|| / (||grad g|| + 1e-4), 0, 1e4 ) * disc_weight
             (both gradients taken at the decoder's last layer)
@@ -31,6 +32,7 @@ from clipvqd.errors import UserError
 
 __all__ = [
     "l1_loss",
+    "l2_loss",
     "VGGPerceptual",
     "PatchDiscriminator",
     "hinge_d_loss",
@@ -49,6 +51,17 @@ _PERCEPTUAL_HELP = (
 def l1_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean absolute error over all elements."""
     return (recon - target).abs().mean()
+
+
+def l2_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all elements.
+
+    Not in the paper (L1 + perceptual there). Without a perceptual loss, L1's
+    per-pixel median favours the background wherever the encoder is still
+    unsure, and a small foreground shape is learned slowly; the squared error
+    pulls harder on the large foreground errors.
+    """
+    return (recon - target).pow(2).mean()
 
 
 # --------------------------------------------------------------------------
@@ -267,6 +280,8 @@ class VQLoss(nn.Module):
     """All VQ-GAN loss terms; holds the discriminator and (optionally) the VGG.
 
     Arguments:
+      l1_weight / l2_weight: weights of the mean absolute and mean squared
+        reconstruction errors (the paper: 1 and 0).
       perceptual_weight: 0 turns the perceptual term off (no VGG is built);
         > 0 needs ``perceptual_weights`` (a local VGG16 file) or raises UserError.
       disc_weight: base weight multiplying the adaptive GAN weight.
@@ -278,7 +293,8 @@ class VQLoss(nn.Module):
     from its file.
     """
 
-    def __init__(self, *, in_channels: int = 3, l1_weight: float = 1.0, perceptual_weight: float = 0.0,
+    def __init__(self, *, in_channels: int = 3, l1_weight: float = 1.0, l2_weight: float = 0.0,
+                 perceptual_weight: float = 0.0,
                  perceptual_weights: str | Path | None = None, lpips_lin_weights: str | Path | None = None,
                  disc_weight: float = 0.8, disc_start: int = 0, disc_factor: float = 1.0,
                  disc_channels: int = 64, disc_layers: int = 3) -> None:
@@ -286,6 +302,7 @@ class VQLoss(nn.Module):
         if perceptual_weight < 0:
             raise UserError(f"train_vq.perceptual_weight must be >= 0, got {perceptual_weight}")
         self.l1_weight = l1_weight
+        self.l2_weight = l2_weight
         self.perceptual_weight = perceptual_weight
         self.disc_weight = disc_weight
         self.disc_start = disc_start
@@ -308,12 +325,13 @@ class VQLoss(nn.Module):
         and ``g_loss`` / ``d_weight`` are reported as 0.
         """
         l1 = l1_loss(recon, inputs)
+        l2 = l2_loss(recon, inputs)
         zero = recon.new_zeros(())
         if self.perceptual is not None:
             perceptual = self.perceptual(inputs.contiguous(), recon.contiguous()).mean()
         else:
             perceptual = zero
-        nll = self.l1_weight * l1 + self.perceptual_weight * perceptual
+        nll = self.l1_weight * l1 + self.l2_weight * l2 + self.perceptual_weight * perceptual
 
         factor = adopt_weight(step, self.disc_start, self.disc_factor)
         if factor > 0:
@@ -330,6 +348,7 @@ class VQLoss(nn.Module):
         total = nll + factor * d_weight * g_loss + kl
         return {
             "l1": l1.detach(),
+            "l2": l2.detach(),
             "perceptual": perceptual.detach(),
             "nll": nll.detach(),
             "g_loss": g_loss.detach(),

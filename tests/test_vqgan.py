@@ -16,6 +16,7 @@ from clipvqd.vqgan import (
     gumbel_noise,
     gumbel_softmax_st,
     kl_to_uniform,
+    quantizer_schedule,
     tau_at,
 )
 from clipvqd.vqgan_loss import (
@@ -27,6 +28,7 @@ from clipvqd.vqgan_loss import (
     generator_adv_loss,
     hinge_d_loss,
     l1_loss,
+    l2_loss,
 )
 
 
@@ -68,6 +70,9 @@ def test_config_factor_and_validation():
     assert VQGANConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(UserError, match="unknown"):
         VQGANConfig.from_dict({**cfg.to_dict(), "z_channels": 4})
+    for bad in (-0.1, 1.0):
+        with pytest.raises(UserError, match="soft_fraction"):
+            tiny_config(soft_fraction=bad)
 
 
 # ---------------------------------------------------------------- paper model
@@ -180,6 +185,33 @@ def test_tau_schedule():
     assert tau_at(25, 100, 1.0, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)), abs=1e-15)
     vals = [tau_at(n, 10) for n in range(11)]
     assert all(a > b for a, b in zip(vals, vals[1:]))
+
+
+def test_quantizer_schedule_soft_then_hard():
+    # soft_fraction 0 is the paper: hard throughout, tau over the whole run
+    assert all(quantizer_schedule(n, 100, 0.9, 0.01, 0.0) == (tau_at(n, 100, 0.9, 0.01), True) for n in range(101))
+    # 0.7 of 100 steps: 70 soft steps with tau decaying over them, then hard at tau_end
+    sched = [quantizer_schedule(n, 100, 1.0, 0.1, 0.7) for n in range(100)]
+    assert [hard for _, hard in sched] == [False] * 70 + [True] * 30
+    assert [tau for tau, _ in sched[:70]] == [tau_at(n, 70, 1.0, 0.1) for n in range(70)]
+    assert all(tau == 0.1 for tau, _ in sched[70:])
+    assert sched[0][0] == 1.0 and sched[35][0] == pytest.approx(0.55, abs=1e-12)
+    # a fraction too small for one step is the paper's schedule
+    assert quantizer_schedule(0, 3, 1.0, 0.1, 0.1) == (1.0, True)
+
+
+def test_soft_forward_decodes_the_softmax_mixture():
+    """hard=False feeds the decoder softmax(logits / tau) @ codebook; hard=True the one-hot codes."""
+    model = GumbelVQGAN(tiny_config(embed_dim=5, gumbel_noise=0.0))
+    x = images(2, 16)
+    with torch.no_grad():
+        soft, info = model(x, 0.7, torch.Generator().manual_seed(0), hard=False)
+        mixture = model.embed(torch.softmax(model.logits(x) / 0.7, dim=1))
+        assert torch.allclose(soft, model.decode_latent(mixture), atol=1e-6)
+        hard, info_h = model(x, 0.7, torch.Generator().manual_seed(0), hard=True)
+        assert torch.allclose(hard, model.decode(info_h["codes"]), atol=1e-5)
+        assert torch.equal(info["codes"], info_h["codes"])  # codes (and their statistics) are the same
+        assert not torch.allclose(soft, hard, atol=1e-3)
 
 
 def test_kl_to_uniform():
@@ -314,6 +346,10 @@ def test_vqloss_generator_and_discriminator_steps():
     assert before["g_loss"].item() == 0 and before["d_weight"].item() == 0
     assert before["total"].item() == pytest.approx(before["l1"].item() + info["kl"].item(), rel=1e-6)
     assert before["l1"].item() == pytest.approx((recon - x).abs().mean().item())
+    assert before["l2"].item() == pytest.approx((recon - x).pow(2).mean().item())
+    mixed = VQLoss(disc_channels=8, disc_start=5, l1_weight=0.5, l2_weight=2.0)
+    terms = mixed.generator_step(x, recon, info["kl"], step=0)
+    assert terms["nll"].item() == pytest.approx(0.5 * l1_loss(recon, x).item() + 2.0 * l2_loss(recon, x).item(), rel=1e-6)
 
     after = loss.generator_step(x, recon, info["kl"], step=5, last_layer=model.last_layer_weight())
     last = model.last_layer_weight()

@@ -50,7 +50,7 @@ def run(directory: Path, console: Console) -> dict:
         return result
 
     stage("train-vq", train_vq.run,
-          lambda r: f"{r['steps']} steps, L1 {r['l1']:.3f}, codebook usage {r['codebook usage (last batch)']:.0%}")
+          lambda r: f"{r['steps']} steps, squared error {r['l2']:.4f}, codebook usage {r['codebook usage (last batch)']:.0%}")
     stage("tokenize", tokenize.run, lambda r: f"{r['images']} images -> {project.tokens}")
     stage("train-diffusion", train_diffusion.run, lambda r: f"{r['steps']} steps, loss {r['loss']:.3f}")
     stage("finetune-cfg", finetune_cfg.run, lambda r: f"{r['steps']} steps, loss {r['loss']:.3f}")

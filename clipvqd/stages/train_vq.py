@@ -20,9 +20,9 @@ from clipvqd.models import vq_config
 from clipvqd.project import Project
 from clipvqd.stages.common import resolved_data
 from clipvqd.training import (
-    EMA, Checkpointer, RunLog, StepBatches, check_finite, make_accelerator, set_lr, shard, step_generator,
+    EMA, Checkpointer, RunLog, StepBatches, check_finite, lr_factor, make_accelerator, set_lr, shard, step_generator,
 )
-from clipvqd.vqgan import GumbelVQGAN, tau_at
+from clipvqd.vqgan import GumbelVQGAN, quantizer_schedule
 from clipvqd.vqgan_loss import VQLoss
 
 PREVIEW_COUNT = 8
@@ -35,7 +35,7 @@ def run(config: Config, project: Project) -> dict:
     images = open_images(resolved_data(config, project))
     model = GumbelVQGAN(vq_config(config))
     loss_fn = VQLoss(
-        l1_weight=tc.l1_weight, perceptual_weight=tc.perceptual_weight,
+        l1_weight=tc.l1_weight, l2_weight=tc.l2_weight, perceptual_weight=tc.perceptual_weight,
         perceptual_weights=str(project.resolve(tc.perceptual_weights)) if tc.perceptual_weights else None,
         disc_weight=tc.disc_weight, disc_start=tc.disc_start, disc_channels=tc.disc_channels,
     )
@@ -71,15 +71,17 @@ def run(config: Config, project: Project) -> dict:
     started = time.perf_counter()
     last_layer = acc.unwrap_model(model).last_layer_weight
     for step in range(start, tc.steps):
-        tau = tau_at(step, tc.steps, config.vq.tau_start, config.vq.tau_end)
-        set_lr(opt_g, lr)
-        set_lr(opt_d, lr)
+        tau, hard = quantizer_schedule(step, tc.steps, config.vq.tau_start, config.vq.tau_end,
+                                       config.vq.soft_fraction)
+        step_lr = lr * lr_factor(step, 0, tc.steps, tc.lr_final)
+        set_lr(opt_g, step_lr)
+        set_lr(opt_d, step_lr)
         for micro in range(config.project.grad_accum):
             x = next(batches).to(acc.device)
             gen = step_generator(config.project.seed, step, acc.process_index, salt=micro, device=acc.device)
             with acc.accumulate(model, disc):
                 with acc.autocast():
-                    recon, info = model(x, tau, gen)
+                    recon, info = model(x, tau, gen, hard=hard)
                     g_terms = loss_fn.generator_step(x, recon.float(), info["kl"].float(), step, last_layer())
                 acc.backward(g_terms["total"])
                 opt_g.step()
@@ -92,7 +94,7 @@ def run(config: Config, project: Project) -> dict:
                     opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
         terms = {k: float(v.detach()) for k, v in {**g_terms, **d_terms}.items()}
-        terms.update(usage=info["usage"], perplexity=info["perplexity"], tau=tau, lr=lr)
+        terms.update(usage=info["usage"], perplexity=info["perplexity"], tau=tau, hard=float(hard), lr=step_lr)
         check_finite(terms, step + 1, stage.root)
         if ema is not None:
             ema.update(acc.unwrap_model(model))
@@ -116,6 +118,7 @@ def run(config: Config, project: Project) -> dict:
         "steps": f"{tc.steps} ({'already finished' if trained == 0 else f'{trained} this run'}"
                  + (f", resumed from step {start})" if start else ")"),
         "l1": terms.get("l1", float("nan")),
+        "l2": terms.get("l2", float("nan")),
         "codebook usage (last batch)": terms.get("usage", float("nan")),
         "perplexity (last batch)": terms.get("perplexity", float("nan")),
         "steps/s": trained / elapsed if trained else 0.0,
