@@ -62,17 +62,17 @@ class ClipConfig:
 
 @dataclass(frozen=True)
 class VQConfig:
-    codebook_size: int = knob(256, "K: number of codebook entries (tokens)", ge=2, le=65535)
-    embed_dim: int = knob(32, "d: codebook vector width", ge=1)
+    codebook_size: int = knob(1024, "K: number of codebook entries (tokens)", ge=2, le=65535)
+    embed_dim: int = knob(64, "d: codebook vector width", ge=1)
     base_channels: int = knob(16, "channels of the first encoder level", ge=1)
     channel_mult: tuple[int, ...] = knob((1, 2, 2), "channel multiplier per level; downsampling f = 2**(levels-1)")
     num_res_blocks: int = knob(1, "residual blocks per level", ge=1)
     attn_resolutions: tuple[int, ...] = knob((), "feature-map sizes (pixels) that get self-attention")
     tau_start: float = knob(1.0, "Gumbel temperature at the first step", gt=0)
-    tau_end: float = knob(0.3, "Gumbel temperature at the last step (cosine decay)", gt=0)
+    tau_end: float = knob(0.1, "Gumbel temperature at the last step (cosine decay)", gt=0)
     kl_weight: float = knob(5e-5, "weight of the KL to the uniform prior over codes", ge=0)
     gumbel_noise: float = knob(0.0, "scale of the Gumbel noise in training (1 = the paper; 0 = straight-through argmax, fastest on a CPU)", ge=0)
-    soft_fraction: float = knob(0.7, "share of train-vq steps (from the start) on the soft relaxation, tau decaying over them; then hard codes (0 = the paper)", ge=0, lt=1)
+    soft_fraction: float = knob(0.5, "share of train-vq steps (from the start) on the soft relaxation, tau decaying over them; then hard codes (0 = the paper)", ge=0, lt=1)
 
     @property
     def downsample(self) -> int:
@@ -81,7 +81,7 @@ class VQConfig:
 
 @dataclass(frozen=True)
 class TrainVQConfig:
-    steps: int = knob(2000, "optimisation steps", ge=1)
+    steps: int = knob(3000, "optimisation steps", ge=1)
     batch_size: int = knob(16, "images per step per process", ge=1)
     lr: float = knob(2e-3, "Adam learning rate (per image if scale_lr)", gt=0)
     scale_lr: bool = knob(False, "multiply lr by the global batch size (the paper: 4.5e-6 x batch)")
