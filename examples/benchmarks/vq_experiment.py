@@ -2,7 +2,7 @@
 
 Trains a GumbelVQGAN on the 5,000 shapes training images (data seed 0, 32 px)
 with the library's own quantiser schedule and losses, then judges argmax-code
-reconstructions of fresh renders, as vq_quality.py does for a project. Each
+reconstructions of fresh renders with vq_quality.py's judge_reconstructions. Each
 row of the tokenizer experiment table in RESULTS.md is one call, e.g.
 
     python examples/benchmarks/vq_experiment.py --name soft05_K1024 --loss l2 --decay \\
@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
 
 from clipvqd.shapes.dataset import ShapesImages
-from clipvqd.shapes.judge import judge
-from clipvqd.shapes.world import ATTRIBUTE_NAMES
 from clipvqd.training import lr_factor
 from clipvqd.vqgan import GumbelVQGAN, VQGANConfig, codebook_stats, quantizer_schedule
 from clipvqd.vqgan_loss import l1_loss, l2_loss
-
-FRESH_SEED = 987_654  # never a training seed
+from vq_quality import FRESH_SEED, judge_reconstructions  # this folder's sibling script
 
 
 def main() -> None:
@@ -95,19 +91,9 @@ def main() -> None:
         else:
             recon = model.decode(codes)
     recon = recon.clamp(-1, 1)
-    agree = {n: 0 for n in ATTRIBUTE_NAMES}
-    all_ok = 0
-    for i in range(a.eval):
-        truth, seen = fresh.attributes(i).as_dict(), judge(recon[i])
-        ok = {n: truth[n] == seen[n] for n in ATTRIBUTE_NAMES}
-        for n in ATTRIBUTE_NAMES:
-            agree[n] += ok[n]
-        all_ok += all(ok.values())
-    mse = ((recon - originals) / 2).pow(2).mean().item()
     usage, perplexity = codebook_stats(codes, a.codebook)
-    result = {"name": a.name, "judge all": all_ok / a.eval, **{n: agree[n] / a.eval for n in ATTRIBUTE_NAMES},
-              "psnr": 10 * math.log10(1 / mse), "usage": usage, "perplexity": perplexity, "train_s": train_s,
-              "args": vars(a)}
+    result = {"name": a.name, **judge_reconstructions(fresh, originals, recon),
+              "usage": usage, "perplexity": perplexity, "train_s": train_s, "args": vars(a)}
     print(json.dumps(result))
     with open(a.out, "a", encoding="utf-8") as f:
         f.write(json.dumps(result) + "\n")

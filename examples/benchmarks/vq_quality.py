@@ -24,6 +24,7 @@ from clipvqd.config import load_config
 from clipvqd.models import load_vq
 from clipvqd.shapes.dataset import ShapesImages
 from clipvqd.shapes.judge import judge
+from clipvqd.shapes.world import ATTRIBUTE_NAMES
 from clipvqd.vqgan import codebook_stats
 
 FRESH_SEED = 987_654  # never a training seed
@@ -47,22 +48,35 @@ def measure(project_dir: Path, count: int, from_tokens: bool = False) -> dict:
         if not from_tokens:
             codes = torch.cat([vq.encode(originals[i:i + 64]) for i in range(0, count, 64)])
         recon = torch.cat([vq.decode(codes[i:i + 64]) for i in range(0, count, 64)]).clamp(-1, 1)
-    names = ("shape", "colour", "background", "size", "position")
-    agree = {n: 0 for n in names}
-    all_ok = 0
-    for i in range(count):
-        truth, seen = data.attributes(i).as_dict(), judge(recon[i])
-        ok = [truth[n] == seen[n] for n in names]
-        for n, o in zip(names, ok):
-            agree[n] += o
-        all_ok += all(ok)
-    mse = ((recon - originals) / 2).pow(2).mean().item()  # images in [0, 1]
     usage, perplexity = codebook_stats(codes, vq.cfg.codebook_size)
     return {
-        "images": count, "source": "tokens/codes.npy" if from_tokens else "fresh renders", "image_size": size, "judge all attributes": all_ok / count,
-        **{f"judge {n}": agree[n] / count for n in names},
-        "PSNR dB": 10 * math.log10(1 / mse), "codebook usage": usage, "perplexity": perplexity,
-        "codebook size": vq.cfg.codebook_size,
+        "images": count, "source": "tokens/codes.npy" if from_tokens else "fresh renders", "image_size": size,
+        **judge_reconstructions(data, originals, recon),
+        "codebook usage": usage, "perplexity": perplexity, "codebook size": vq.cfg.codebook_size,
+    }
+
+
+def judge_reconstructions(data: ShapesImages, originals: torch.Tensor, recon: torch.Tensor) -> dict:
+    """Judge ``recon[i]`` against the attributes of ``data[i]``: the share with every
+    attribute right, per attribute, PSNR, and shape right by size and shape."""
+    agree = {n: 0 for n in ATTRIBUTE_NAMES}
+    all_ok = 0
+    shape_right: dict[str, list[int]] = {}  # "small star" -> [right, of]
+    for i in range(len(recon)):
+        truth, seen = data.attributes(i).as_dict(), judge(recon[i])
+        ok = {n: truth[n] == seen[n] for n in ATTRIBUTE_NAMES}
+        for n in ATTRIBUTE_NAMES:
+            agree[n] += ok[n]
+        all_ok += all(ok.values())
+        tally = shape_right.setdefault(f"{truth['size']} {truth['shape']}", [0, 0])
+        tally[0] += ok["shape"]
+        tally[1] += 1
+    mse = ((recon - originals) / 2).pow(2).mean().item()  # images in [0, 1]
+    return {
+        "judge all attributes": all_ok / len(recon),
+        **{f"judge {n}": agree[n] / len(recon) for n in ATTRIBUTE_NAMES},
+        "PSNR dB": 10 * math.log10(1 / mse),
+        "shape right, by size and shape": {k: f"{r}/{n}" for k, (r, n) in sorted(shape_right.items())},
     }
 
 
