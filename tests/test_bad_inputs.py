@@ -339,6 +339,18 @@ def test_resuming_a_checkpoint_of_another_configuration_names_the_folder_to_dele
     assert project.exists()
 
 
+def test_rerun_with_fewer_steps_than_the_checkpoint_says_how_to_go_on(tmp_path):
+    root = tmp_path / "proj"
+    write_tiny_project(root, "")
+    first = _invoke(root, ["train-vq", "-s", "train_vq.steps=6", "-s", "train_vq.log_every=1000"])
+    assert first.exit_code == 0, first.output
+    logging.getLogger("clipvqd").handlers.clear()
+    result = _invoke(root, ["train-vq", "-s", "train_vq.steps=4", "-s", "train_vq.log_every=1000"])
+    line = assert_one_line_error(result, "step-0000006.safetensors", "at step 6", "past train_vq.steps = 4",
+                                 "raise the steps")
+    assert str(root / "vq" / "checkpoints") in line
+
+
 # --------------------------------------------------------------------------- error lines print brackets as written
 
 
