@@ -73,6 +73,7 @@ class VQConfig:
     kl_weight: float = knob(5e-5, "weight of the KL to the uniform prior over codes", ge=0)
     gumbel_noise: float = knob(0.0, "scale of the Gumbel noise in training (1 = the paper; 0 = straight-through argmax, fastest on a CPU)", ge=0)
     soft_fraction: float = knob(0.5, "share of train-vq steps (from the start) on the soft relaxation, tau decaying over them; then hard codes (0 = the paper)", ge=0, lt=1)
+    mid_attention: bool = knob(True, "self-attention in the mid blocks (taming, the paper); off keeps each code local, easier to generate")
 
     @property
     def downsample(self) -> int:
@@ -88,6 +89,7 @@ class TrainVQConfig:
     lr_final: float = knob(0.1, "cosine-decay the lr to this fraction by the last step (1 = constant, the paper)", gt=0, le=1)
     l1_weight: float = knob(0.0, "weight of the L1 reconstruction loss (the paper: 1)", ge=0)
     l2_weight: float = knob(1.0, "weight of the squared-error reconstruction loss (the paper: 0)", ge=0)
+    edge_weight: float = knob(16.0, "weight of the squared error counted on the images' edges (the paper: 0)", ge=0)
     perceptual_weight: float = knob(0.0, "weight of the LPIPS-style VGG16 loss (needs perceptual_weights)", ge=0)
     perceptual_weights: str = knob("", "local VGG16 weights file for the perceptual loss")
     disc_start: int = knob(100000, "step at which the PatchGAN discriminator switches on", ge=0)

@@ -33,7 +33,7 @@ HEADERS = {
 
 _PAPER_VQ = {
     "codebook_size": 4096, "embed_dim": 256, "base_channels": 128, "channel_mult": [1, 1, 2, 2, 4],
-    "num_res_blocks": 2, "attn_resolutions": [16], "tau_start": 0.9, "tau_end": 0.01, "kl_weight": 5e-5, "gumbel_noise": 1.0,
+    "num_res_blocks": 2, "attn_resolutions": [16], "mid_attention": True, "tau_start": 0.9, "tau_end": 0.01, "kl_weight": 5e-5, "gumbel_noise": 1.0,
     "soft_fraction": 0.0,
 }
 _PAPER_TRANSFORMER = {"layers": 24, "width": 512, "heads": 16, "mlp": "conv", "mlp_ratio": 4}
@@ -47,7 +47,7 @@ def _paper(path: str, steps_vq: int, alpha: float, guidance: float, truncation: 
         "vq": _PAPER_VQ,
         "train_vq": {
             "steps": steps_vq, "batch_size": 32, "lr": 4.5e-6, "scale_lr": True, "lr_final": 1.0, "disc_start": 25000,
-            "l1_weight": 1.0, "l2_weight": 0.0,
+            "l1_weight": 1.0, "l2_weight": 0.0, "edge_weight": 0.0,
             "perceptual_weight": 1.0, "perceptual_weights": "vgg16.safetensors", "disc_weight": 0.8,
             "save_every": 5000, "preview_every": 5000, "log_every": 100,
         },

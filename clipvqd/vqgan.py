@@ -80,6 +80,7 @@ class VQGANConfig:
     kl_weight: float = 5e-5
     gumbel_noise: float = 1.0
     soft_fraction: float = 0.0
+    mid_attention: bool = True
 
     def __post_init__(self) -> None:
         # Accept lists (from TOML / JSON) and store tuples so the config stays hashable.
@@ -293,12 +294,12 @@ class Upsample(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """res -> attention -> res at the lowest resolution."""
+    """res -> attention -> res at the lowest resolution (attention optional)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, attention: bool = True) -> None:
         super().__init__()
         self.block1 = ResBlock(channels, channels)
-        self.attn = AttnBlock(channels)
+        self.attn = AttnBlock(channels) if attention else nn.Identity()
         self.block2 = ResBlock(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -330,7 +331,7 @@ class Encoder(nn.Module):
                 layers.append(Downsample(ch))
                 res //= 2
         self.down = nn.Sequential(*layers)
-        self.mid = MidBlock(ch)
+        self.mid = MidBlock(ch, cfg.mid_attention)
         self.norm_out = _norm(ch)
         self.conv_out = nn.Conv2d(ch, ch, 3, padding=1)
         self.out_channels = ch
@@ -354,7 +355,7 @@ class Decoder(nn.Module):
         ch = chans[-1]
         self.in_channels = ch
         self.conv_in = nn.Conv2d(ch, ch, 3, padding=1)
-        self.mid = MidBlock(ch)
+        self.mid = MidBlock(ch, cfg.mid_attention)
         layers: list[nn.Module] = []
         res = cfg.latent_size
         for i in reversed(range(len(chans))):
@@ -429,10 +430,14 @@ class GumbelVQGAN(nn.Module):
 
     def forward(self, x: torch.Tensor, tau: float, generator: torch.Generator,
                 hard: bool = True) -> tuple[torch.Tensor, dict]:
-        logits = self.logits(x).float()  # quantiser math in fp32 even under autocast
-        y, y_soft, codes = gumbel_softmax_st(logits, tau, generator, dim=1, noise_scale=self.cfg.gumbel_noise)
-        recon = self.decode_latent(self.embed(y if hard else y_soft))
-        kl_raw = kl_to_uniform(logits, dim=1)
+        # Quantiser math in fp32 even under autocast, with the K codes as the last
+        # (contiguous) dimension: softmax and its gradient run about twice as fast
+        # on a CPU as over dim 1 of (B, K, h, w).
+        logits = self.logits(x).float().permute(0, 2, 3, 1)  # (B, h, w, K)
+        y, y_soft, codes = gumbel_softmax_st(logits, tau, generator, dim=-1, noise_scale=self.cfg.gumbel_noise)
+        z_q = torch.matmul(y if hard else y_soft, self.codebook.weight).permute(0, 3, 1, 2)
+        recon = self.decode_latent(z_q)
+        kl_raw = kl_to_uniform(logits, dim=-1)
         usage, perplexity = codebook_stats(codes.detach(), self.cfg.codebook_size)
         info = {
             "kl": self.cfg.kl_weight * kl_raw,

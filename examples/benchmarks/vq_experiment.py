@@ -24,7 +24,7 @@ import torch
 from clipvqd.shapes.dataset import ShapesImages
 from clipvqd.training import lr_factor
 from clipvqd.vqgan import GumbelVQGAN, VQGANConfig, codebook_stats, quantizer_schedule
-from clipvqd.vqgan_loss import l1_loss, l2_loss
+from clipvqd.vqgan_loss import edge_l2_loss, l1_loss, l2_loss
 from vq_quality import FRESH_SEED, judge_reconstructions  # this folder's sibling script
 
 
@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--mult", default="1,2,2")
     p.add_argument("--tau-start", type=float, default=1.0)
     p.add_argument("--tau-end", type=float, default=0.3)
+    p.add_argument("--edge", type=float, default=0.0, help="weight of the edge-weighted squared error")
     p.add_argument("--soft-fraction", type=float, default=0.0)
     p.add_argument("--noquant", action="store_true", help="decode softmax(logits) always: no quantiser (a ceiling)")
     p.add_argument("--images", type=int, default=5000)
@@ -73,7 +74,7 @@ def main() -> None:
         else:
             recon, info = model(x, tau, gen, hard=hard)
             kl = info["kl"]
-        loss = recon_loss(recon, x) + kl
+        loss = recon_loss(recon, x) + a.edge * edge_l2_loss(recon, x) + kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
