@@ -431,8 +431,8 @@ class GumbelVQGAN(nn.Module):
     def forward(self, x: torch.Tensor, tau: float, generator: torch.Generator,
                 hard: bool = True) -> tuple[torch.Tensor, dict]:
         # Quantiser math in fp32 even under autocast, with the K codes as the last
-        # (contiguous) dimension: softmax and its gradient run about twice as fast
-        # on a CPU as over dim 1 of (B, K, h, w).
+        # (contiguous) dimension: on a CPU a softmax over it, and its gradient, is
+        # much faster than over dim 1 of (B, K, h, w).
         logits = self.logits(x).float().permute(0, 2, 3, 1)  # (B, h, w, K)
         y, y_soft, codes = gumbel_softmax_st(logits, tau, generator, dim=-1, noise_scale=self.cfg.gumbel_noise)
         z_q = torch.matmul(y if hard else y_soft, self.codebook.weight).permute(0, 3, 1, 2)

@@ -35,7 +35,8 @@ def run(config: Config, project: Project) -> dict:
     images = open_images(resolved_data(config, project))
     model = GumbelVQGAN(vq_config(config))
     loss_fn = VQLoss(
-        l1_weight=tc.l1_weight, l2_weight=tc.l2_weight, edge_weight=tc.edge_weight, perceptual_weight=tc.perceptual_weight,
+        l1_weight=tc.l1_weight, l2_weight=tc.l2_weight, edge_weight=tc.edge_weight,
+        perceptual_weight=tc.perceptual_weight,
         perceptual_weights=str(project.resolve(tc.perceptual_weights)) if tc.perceptual_weights else None,
         disc_weight=tc.disc_weight, disc_start=tc.disc_start, disc_channels=tc.disc_channels,
     )
