@@ -73,7 +73,7 @@ class VQConfig:
     kl_weight: float = knob(5e-5, "weight of the KL to the uniform prior over codes", ge=0)
     gumbel_noise: float = knob(0.0, "scale of the Gumbel noise in training (1 = the paper; 0 = straight-through argmax, fastest on a CPU)", ge=0)
     soft_fraction: float = knob(0.5, "share of train-vq steps (from the start) on the soft relaxation, tau decaying over them; then hard codes (0 = the paper)", ge=0, lt=1)
-    mid_attention: bool = knob(True, "self-attention in the mid blocks (taming, the paper); off is a little faster and reconstructed the shapes world as well")
+    mid_attention: bool = knob(True, "self-attention in the mid blocks (taming, the paper); off reconstructed the shapes world as well (RESULTS.md)")
 
     @property
     def downsample(self) -> int:

@@ -415,8 +415,8 @@ class GumbelVQGAN(nn.Module):
         return self.to_logits(self.encoder(x))
 
     def embed(self, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted codebook lookup: (B, K, h, w) weights -> (B, d, h, w)."""
-        return torch.einsum("bkhw,kd->bdhw", weights, self.codebook.weight)
+        """Weighted codebook lookup: (B, h, w, K) weights (codes last) -> (B, d, h, w)."""
+        return torch.matmul(weights, self.codebook.weight).permute(0, 3, 1, 2)
 
     def decode_latent(self, z_q: torch.Tensor) -> torch.Tensor:
         """(B, d, h, w) quantised vectors -> images."""
@@ -435,8 +435,7 @@ class GumbelVQGAN(nn.Module):
         # much faster than over dim 1 of (B, K, h, w).
         logits = self.logits(x).float().permute(0, 2, 3, 1)  # (B, h, w, K)
         y, y_soft, codes = gumbel_softmax_st(logits, tau, generator, dim=-1, noise_scale=self.cfg.gumbel_noise)
-        z_q = torch.matmul(y if hard else y_soft, self.codebook.weight).permute(0, 3, 1, 2)
-        recon = self.decode_latent(z_q)
+        recon = self.decode_latent(self.embed(y if hard else y_soft))
         kl_raw = kl_to_uniform(logits, dim=-1)
         usage, perplexity = codebook_stats(codes.detach(), self.cfg.codebook_size)
         info = {

@@ -70,7 +70,7 @@ def main() -> None:
         x = x_all[torch.randint(0, len(x_all), (a.batch,), generator=gen)]
         tau, hard = quantizer_schedule(step, a.steps, a.tau_start, a.tau_end, a.soft_fraction)
         if a.noquant:
-            recon, kl = model.decode_latent(model.embed(torch.softmax(model.logits(x), 1))), 0.0
+            recon, kl = model.decode_latent(model.embed(torch.softmax(model.logits(x).permute(0, 2, 3, 1), -1))), 0.0
         else:
             recon, info = model(x, tau, gen, hard=hard)
             kl = info["kl"]
@@ -88,7 +88,7 @@ def main() -> None:
     with torch.no_grad():
         codes = model.encode(originals)
         if a.noquant:
-            recon = model.decode_latent(model.embed(torch.softmax(model.logits(originals), 1)))
+            recon = model.decode_latent(model.embed(torch.softmax(model.logits(originals).permute(0, 2, 3, 1), -1)))
         else:
             recon = model.decode(codes)
     recon = recon.clamp(-1, 1)
