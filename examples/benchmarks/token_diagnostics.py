@@ -43,8 +43,10 @@ def corner_synonyms(codes: np.ndarray, dataset: ShapesImages, grid: int, patch: 
     for background, counts in sorted(by_background.items()):
         p = np.array(list(counts.values()), dtype=float)
         p /= p.sum()
+        elsewhere = set().union(*(set(c) for b, c in by_background.items() if b != background))
         report[background] = {"patches": sum(counts.values()), "distinct codes": len(counts),
-                              "entropy nats": round(float(-(p * np.log(p)).sum()), 2)}
+                              "entropy nats": round(float(-(p * np.log(p)).sum()), 2),
+                              "codes also used for another background colour": len(set(counts) & elsewhere)}
     return report
 
 
