@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -240,16 +242,34 @@ def _write_bombs(folder: Path, marker: Path) -> dict[str, Path]:
     return {"pt": zip_pt, "pth": folder / "bomb.pth", "safetensors": folder / "bomb.safetensors"}
 
 
+def _pickle_calls(data: bytes) -> set[str]:
+    """The callables a pickle would import and call (GLOBAL / STACK_GLOBAL followed
+    later by REDUCE), read with pickletools: nothing is unpickled."""
+    strings: list[str] = []
+    imported: list[str] = []
+    reduced = False
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == "GLOBAL":
+            imported.append(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            imported.append(".".join(strings[-2:]))
+        elif isinstance(arg, str):
+            strings.append(arg)
+        reduced |= op.name == "REDUCE"
+    return set(imported) if reduced else set()
+
+
 def test_the_bombs_are_live(tmp_path):
-    """Control: loading these files the unsafe way does run the payload, so the
-    refusals below would notice an unpickle."""
-    marker = tmp_path / "control-marker"
-    bombs = _write_bombs(tmp_path / "bombs", marker)
-    torch.load(bombs["pt"], weights_only=False)
-    assert marker.exists()
-    marker.unlink()
-    pickle.loads(bombs["pth"].read_bytes())
-    assert marker.exists()
+    """Control, without unpickling anything: every bomb file holds a pickle that
+    would import and call os.system, so the refusals below would notice an unpickle."""
+    bombs = _write_bombs(tmp_path / "bombs", tmp_path / "control-marker")
+    system = f"{os.system.__module__}.system"
+    with zipfile.ZipFile(bombs["pt"]) as archive:
+        (data_pkl,) = [name for name in archive.namelist() if name.endswith("data.pkl")]
+        assert system in _pickle_calls(archive.read(data_pkl))
+    for kind in ("pth", "safetensors"):
+        assert system in _pickle_calls(bombs[kind].read_bytes())
+    assert _pickle_calls(pickle.dumps({"weight": [1.0, 2.0]})) == set()  # a plain pickle calls nothing
 
 
 @pytest.fixture
