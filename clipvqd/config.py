@@ -74,7 +74,6 @@ class VQConfig:
     gumbel_noise: float = knob(0.0, "scale of the Gumbel noise in training (1 = the paper; 0 = straight-through argmax, fastest on a CPU)", ge=0)
     soft_fraction: float = knob(0.5, "share of train-vq steps (from the start) on the soft relaxation, tau decaying over them; then hard codes (0 = the paper)", ge=0, lt=1)
     mid_attention: bool = knob(True, "self-attention in the mid blocks (taming, the paper); off reconstructed the shapes world as well (RESULTS.md)")
-    encoder: Literal["conv", "patch"] = knob("conv", "conv (taming, the paper: each code sees the whole image) or patch (each code a function of its own f x f pixels)")
 
     @property
     def downsample(self) -> int:

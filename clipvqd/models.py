@@ -21,7 +21,7 @@ def vq_config(config: Config) -> VQGANConfig:
         attn_resolutions=vq.attn_resolutions, image_size=config.data.image_size,
         codebook_size=vq.codebook_size, embed_dim=vq.embed_dim, tau_start=vq.tau_start,
         tau_end=vq.tau_end, kl_weight=vq.kl_weight, gumbel_noise=vq.gumbel_noise,
-        soft_fraction=vq.soft_fraction, mid_attention=vq.mid_attention, encoder=vq.encoder,
+        soft_fraction=vq.soft_fraction, mid_attention=vq.mid_attention,
     )
 
 

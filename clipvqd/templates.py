@@ -33,7 +33,7 @@ HEADERS = {
 
 _PAPER_VQ = {
     "codebook_size": 4096, "embed_dim": 256, "base_channels": 128, "channel_mult": [1, 1, 2, 2, 4],
-    "num_res_blocks": 2, "attn_resolutions": [16], "mid_attention": True, "encoder": "conv", "tau_start": 0.9, "tau_end": 0.01, "kl_weight": 5e-5, "gumbel_noise": 1.0,
+    "num_res_blocks": 2, "attn_resolutions": [16], "mid_attention": True, "tau_start": 0.9, "tau_end": 0.01, "kl_weight": 5e-5, "gumbel_noise": 1.0,
     "soft_fraction": 0.0,
 }
 _PAPER_TRANSFORMER = {"layers": 24, "width": 512, "heads": 16, "mlp": "conv", "mlp_ratio": 4}

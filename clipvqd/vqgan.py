@@ -81,7 +81,6 @@ class VQGANConfig:
     gumbel_noise: float = 1.0
     soft_fraction: float = 0.0
     mid_attention: bool = True
-    encoder: str = "conv"
 
     def __post_init__(self) -> None:
         # Accept lists (from TOML / JSON) and store tuples so the config stays hashable.
@@ -106,8 +105,6 @@ class VQGANConfig:
             raise UserError(f"vq.kl_weight must be >= 0, got {self.kl_weight}")
         if not 0 <= self.soft_fraction < 1:
             raise UserError(f"vq.soft_fraction must be in [0, 1), got {self.soft_fraction}")
-        if self.encoder not in ENCODERS:
-            raise UserError(f"vq.encoder must be one of {sorted(ENCODERS)}, got {self.encoder!r}")
 
     @property
     def factor(self) -> int:
@@ -344,44 +341,6 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class PatchEncoder(nn.Module):
-    """Image (B, in_channels, H, W) -> features (B, C, H/f, W/f), each position
-    a function of its own f x f patch of pixels and nothing else.
-
-    The patch's pixels (pixel_unshuffle) go through a per-position MLP:
-    ``len(channel_mult) * num_res_blocks`` residual blocks x + W2 SiLU(W1 LN(x))
-    with LayerNorm over channels only (GroupNorm would mix in statistics of
-    the whole image). ``C = base * channel_mult[-1]``, hidden width 4C.
-
-    Why: with the convolutional encoder a code's receptive field spans the
-    whole image, so a flat background patch gets dozens of codes depending on
-    where the shape is (RESULTS.md, "the codes are not local"), and the
-    denoiser cannot predict a token from its neighbours. Here equal patches
-    get equal codes, always.
-    """
-
-    def __init__(self, cfg: VQGANConfig) -> None:
-        super().__init__()
-        ch = cfg.base_channels * cfg.channel_mult[-1]
-        self.factor = cfg.factor
-        self.proj_in = nn.Linear(cfg.in_channels * cfg.factor ** 2, ch)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(ch), nn.Linear(ch, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, ch))
-            for _ in range(len(cfg.channel_mult) * cfg.num_res_blocks)
-        )
-        self.norm_out = nn.LayerNorm(ch)
-        self.out_channels = ch
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.proj_in(F.pixel_unshuffle(x, self.factor).permute(0, 2, 3, 1))  # (B, h, w, C)
-        for block in self.blocks:
-            h = h + block(h)
-        return F.silu(self.norm_out(h)).permute(0, 3, 1, 2)
-
-
-ENCODERS = {"conv": Encoder, "patch": PatchEncoder}
-
-
 class Decoder(nn.Module):
     """Features (B, base * channel_mult[-1], h, w) -> image (B, in_channels, h*f, w*f).
 
@@ -438,7 +397,7 @@ class GumbelVQGAN(nn.Module):
     def __init__(self, cfg: VQGANConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = ENCODERS[cfg.encoder](cfg)
+        self.encoder = Encoder(cfg)
         hidden = self.encoder.out_channels
         self.to_logits = nn.Conv2d(hidden, cfg.codebook_size, 1)
         self.codebook = nn.Embedding(cfg.codebook_size, cfg.embed_dim)

@@ -89,30 +89,6 @@ def test_mid_attention_switch():
     assert VQGANConfig.from_dict(old).mid_attention is True
 
 
-def test_patch_encoder_codes_see_only_their_own_patch():
-    """vq.encoder = "patch": changing every pixel outside one f x f patch leaves
-    that patch's logits exactly as they were (the conv encoder, the control,
-    changes them); equal patches in different images get equal codes."""
-    torch.manual_seed(0)
-    x = images(1, 16)
-    y = images(1, 16, seed=1)
-    y[..., 4:8, 8:12] = x[..., 4:8, 8:12]  # token (1, 2) of a 4 x 4 grid has the same pixels in both
-    for encoder, local in (("patch", True), ("conv", False)):
-        model = GumbelVQGAN(tiny_config(encoder=encoder))
-        lx, ly = model.logits(x), model.logits(y)
-        same = torch.equal(lx[..., 1, 2], ly[..., 1, 2])
-        assert same == local, encoder
-        assert not torch.equal(lx[..., 0, 0], ly[..., 0, 0])
-    flat = torch.zeros(3, 3, 16, 16)
-    flat[1, :, 8:, 8:] = 1.0  # a "shape" in one corner, elsewhere the same flat background
-    flat[2, :, :4, 4:] = -1.0
-    codes = GumbelVQGAN(tiny_config(encoder="patch")).encode(flat)
-    background = (flat == 0).all(1).reshape(3, 4, 4, 4, 4).all(4).all(2)  # (3, 4, 4): the patch is all background
-    assert background.sum() == 16 + 12 + 13 and codes[background].unique().numel() == 1
-    with pytest.raises(UserError, match="vq.encoder"):
-        tiny_config(encoder="vit")
-
-
 # ---------------------------------------------------------------- paper model
 
 
