@@ -1,4 +1,4 @@
-"""Why the denoiser draws blobs: two measurements on a trained shapes project.
+"""What the codes mean and what the denoiser reads: two measurements on a trained shapes project.
 
 1. Code synonyms: the tokenizer's codes at the four corner tokens of the
    training images whose 4x4 corner patch is one flat background colour. A
