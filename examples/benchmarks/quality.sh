@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # The shapes-world quality benchmark: a larger budget than the demo, then the
-# paper's ablations in miniature. Budget: about 2 hours on a 2-core CPU.
+# paper's ablations in miniature. Not run yet (RESULTS.md says so).
 #
 #   bash examples/benchmarks/quality.sh [DIR]      (default: runs/quality)
 #
-# Writes DIR/base (the main run) and DIR/alpha-* (noise ablation); every
-# number lands in DIR/*/eval/*.json and *.md, plots in *-sweep.png.
+# Budget on a 2-core CPU, estimated from rates measured with the conv-MLP
+# defaults (RESULTS.md: train-diffusion 3.8 steps/s, sampling 3.75 images/s
+# at 25 steps and about 1 image/s at 100): tokenizer 7 min, diffusion 18 min,
+# headline eval 13 min, sampling steps 11 min, guidance x truncation 15 min,
+# alpha 36 min: about 1 h 45 min in all.
+#
+# Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
+# number lands in DIR/*/eval/*.json and *.md, a plot per ablation in
+# DIR/base/eval/*-sweep.png and DIR/alpha.png.
 set -euo pipefail
 DIR=${1:-runs/quality}
-BUDGET=(
-  --set data.count=10000
-  --set train_vq.steps=6000
-  --set train_diffusion.steps=12000
-  --set finetune_cfg.steps=2000
-)
+BUDGET=(--set train_diffusion.steps=4000 --set finetune_cfg.steps=400)
+EVAL=(--protocol shapes --set eval.fid=false --set eval.inception_score=false)
 mkdir -p "$DIR"
 [ -f "$DIR/base/clipvqd.toml" ] || clipvqd init "$DIR/base" --example shapes
 P=(-p "$DIR/base/clipvqd.toml" "${BUDGET[@]}")
@@ -22,19 +25,36 @@ python examples/benchmarks/vq_quality.py "$DIR/base" --count 500 > "$DIR/base/vq
 clipvqd tokenize "${P[@]}"
 clipvqd train-diffusion "${P[@]}"
 clipvqd finetune-cfg "${P[@]}"
-# headline: both prompt sets, 16 candidates each, best of 16 by CLIP
-clipvqd eval "${P[@]}" --protocol shapes --name headline
+# headline: 24 prompts of each set, 16 candidates each (all samples and best of 16
+# by CLIP: reranking on and off), 100 sampling steps, FID and IS too
+clipvqd eval "${P[@]}" --protocol shapes --set eval.max_prompts=24 --name headline
 # sampling steps: 100, 50, 25, 10
-for s in 100 50 25 10; do clipvqd eval "${P[@]}" --protocol shapes --set sample.steps=$s --name steps-$s; done
-# guidance x truncation (the paper's Table 2)
-clipvqd eval "${P[@]}" --protocol shapes --sweep guidance=1,1.5,2,3,5 --sweep truncation=0.75,0.8,0.85,0.9 --name table2
-# noise alpha (the paper's Fig. 7): same VQ and tokens, diffusion retrained per alpha
+clipvqd eval "${P[@]}" "${EVAL[@]}" --set eval.max_prompts=24 --sweep steps=100,50,25,10 --name steps
+# guidance x truncation (the paper's Table 2), 25 sampling steps
+clipvqd eval "${P[@]}" "${EVAL[@]}" --set eval.max_prompts=12 --set sample.steps=25 \
+  --sweep guidance=1,3,5 --sweep truncation=0.7,0.8,0.9 --name table2
+# noise alpha (the paper's Fig. 7): the same tokens, diffusion retrained per alpha
+# at a smaller budget (1,500 steps each, alpha 0.5 included, so the four compare)
 for a in 0 0.25 0.5 1.0; do
   D="$DIR/alpha-$a"
   if [ ! -f "$D/clipvqd.toml" ]; then
     mkdir -p "$D" && cp "$DIR/base/clipvqd.toml" "$D/" && cp -r "$DIR/base/vq" "$DIR/base/tokens" "$D/"
   fi
-  clipvqd train-diffusion -p "$D/clipvqd.toml" "${BUDGET[@]}" --set train_diffusion.alpha=$a
-  clipvqd finetune-cfg -p "$D/clipvqd.toml" "${BUDGET[@]}" --set train_diffusion.alpha=$a
-  clipvqd eval -p "$D/clipvqd.toml" "${BUDGET[@]}" --protocol shapes --name alpha-$a
+  A=(-p "$D/clipvqd.toml" --set train_diffusion.steps=1500 --set finetune_cfg.steps=150 --set train_diffusion.alpha=$a)
+  clipvqd train-diffusion "${A[@]}"
+  clipvqd finetune-cfg "${A[@]}"
+  clipvqd eval "${A[@]}" "${EVAL[@]}" --set eval.max_prompts=12 --set sample.steps=25 --name alpha
 done
+python - "$DIR" <<'PY'
+import json, sys
+from pathlib import Path
+from clipvqd.plot import line_chart
+root = Path(sys.argv[1])
+series = {}
+for name in ("judge in-distribution, all samples: all named", "judge held-out, all samples: all named"):
+    series[name] = [(float(a), json.loads((root / f"alpha-{a}" / "eval" / "alpha.json").read_text())["metrics"][name])
+                    for a in ("0", "0.25", "0.5", "1.0")]
+line_chart(series, title="pseudo-text noise alpha (paper Fig. 7)", x_label="alpha",
+           y_label="judged all named").save(root / "alpha.png")
+print(json.dumps(series, indent=2))
+PY
