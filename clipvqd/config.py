@@ -116,7 +116,7 @@ class TransformerConfig:
     layers: int = knob(4, "transformer blocks", ge=1)
     width: int = knob(128, "model width", ge=8)
     heads: int = knob(4, "attention heads (must divide width)", ge=1)
-    mlp: Literal["conv", "linear"] = knob("conv", "MLP of each block: 3x3 convs on the token grid (paper; draws shapes, RESULTS.md) or linear (faster, draws blobs)")
+    mlp: Literal["conv", "linear"] = knob("conv", "MLP of each block: 3x3 convs on the token grid (paper) or linear (faster; drew blobs in the shapes world, RESULTS.md)")
     mlp_ratio: int = knob(2, "MLP hidden width = mlp_ratio x width (the paper: 4)", ge=1)
 
 
