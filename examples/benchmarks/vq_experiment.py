@@ -69,8 +69,8 @@ def main() -> None:
             group["lr"] = a.lr * (lr_factor(step, 0, a.steps, 0.1) if a.decay else 1.0)
         x = x_all[torch.randint(0, len(x_all), (a.batch,), generator=gen)]
         tau, hard = quantizer_schedule(step, a.steps, a.tau_start, a.tau_end, a.soft_fraction)
-        if a.noquant:
-            recon, kl = model.decode_latent(model.embed(torch.softmax(model.logits(x).permute(0, 2, 3, 1), -1))), 0.0
+        if a.noquant:  # the soft path at tau 1 (cfg.gumbel_noise is 0): decodes softmax(logits)
+            recon, kl = model(x, 1.0, gen, hard=False)[0], 0.0
         else:
             recon, info = model(x, tau, gen, hard=hard)
             kl = info["kl"]
@@ -88,7 +88,7 @@ def main() -> None:
     with torch.no_grad():
         codes = model.encode(originals)
         if a.noquant:
-            recon = model.decode_latent(model.embed(torch.softmax(model.logits(originals).permute(0, 2, 3, 1), -1)))
+            recon = model(originals, 1.0, gen, hard=False)[0]
         else:
             recon = model.decode(codes)
     recon = recon.clamp(-1, 1)
