@@ -7,8 +7,9 @@
 # Budget on a 2-core CPU, estimated from rates measured with the conv-MLP
 # defaults (RESULTS.md: train-diffusion 3.8 steps/s, sampling 3.75 images/s
 # at 25 steps and about 1 image/s at 100): tokenizer 7 min, diffusion 18 min,
-# headline eval 13 min, sampling steps 11 min, guidance x truncation 15 min,
-# alpha 36 min: about 1 h 45 min in all.
+# fine-tune 2 min, headline eval 13 min, sampling steps 24 min (100 steps
+# again, so the plot has all four), guidance x truncation 15 min, alpha
+# 36 min: about 1 h 55 min in all.
 #
 # Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
 # number lands in DIR/*/eval/*.json and *.md, a plot per ablation in
