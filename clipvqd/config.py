@@ -375,8 +375,10 @@ def check_config(config: Config, source: str) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Defaults < the TOML file at ``path`` (if given) < ``section.key=value`` overrides."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                options: dict[str, str] | None = None) -> Config:
+    """Defaults < the TOML file at ``path`` (if given) < ``section.key=value`` overrides (``--set``)
+    < ``options`` (``{"section.key": text}`` from a command's own options, such as ``--steps``)."""
     config = Config()
     if path is not None:
         path = Path(path)
@@ -405,6 +407,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             key, value = item.split("=", 1)
             parsed[key.strip()] = value
         config = apply_values(config, parsed, source="--set", from_text=True)
+    if options:
+        config = apply_values(config, options, source="command-line options", from_text=True)
     return config
 
 

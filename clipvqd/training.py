@@ -127,16 +127,21 @@ class Checkpointer:
             checkpoint.prune_checkpoints(self.folder, self.keep)
         self.acc.wait_for_everyone()
 
-    def resume(self, modules: dict[str, Stateful], optimizers: dict[str, torch.optim.Optimizer]) -> tuple[int, dict, Path | None]:
-        """Load the newest checkpoint into the given objects; (0, {}, None) when there is none."""
+    def resume(self, modules: dict[str, Stateful], optimizers: dict[str, torch.optim.Optimizer],
+               steps: int, steps_key: str) -> int:
+        """Load the newest checkpoint into the given objects and return its step (0 when there is none).
+        A checkpoint past ``steps`` (the config value ``steps_key``) is refused before anything loads."""
         path = checkpoint.latest_checkpoint(self.folder)
         if path is None:
-            return 0, {}, None
+            return 0
         try:
-            step, states, opts, info = checkpoint.load_training_state(path)
+            step, states, opts, _ = checkpoint.load_training_state(path)
         except UserError as exc:  # damaged (copied, disk error): say how to go on from the one before
             raise UserError(f"{exc}; delete it to resume from the checkpoint before it, "
                             f"or delete {self.folder} to start over") from None
+        if step > steps:
+            raise UserError(f"{path} is at step {step}, past {steps_key} = {steps}: raise the steps to go on, "
+                            f"or delete {self.folder} to start over")
         for name, m in modules.items():
             if name not in states:
                 raise UserError(f"{path}: has no '{name}' state; delete {self.folder} to start over")
@@ -150,7 +155,7 @@ class Checkpointer:
                 ) from None
         for name, o in optimizers.items():
             o.load_state_dict(opts[name])
-        return step, info, path
+        return step
 
 
 def _state(acc: Accelerator, obj) -> dict[str, torch.Tensor]:

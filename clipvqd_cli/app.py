@@ -82,11 +82,8 @@ def _stage(name: str):
 
 
 def _load(project: Path, sets: Optional[List[str]], sugar: Optional[dict] = None):
-    overrides = list(sets or [])
-    for key, value in (sugar or {}).items():
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    config = load_config(project, overrides)
+    options = {key: str(value) for key, value in (sugar or {}).items() if value is not None}
+    config = load_config(project, list(sets or []), options)
     return config, Project.from_file(project)
 
 

@@ -198,7 +198,7 @@ CASES = {
     "guidance below 0": (_no_setup, ["sample", "a red circle", "--guidance", "-1"], ["sample.guidance", ">= 0"]),
     "truncation 0": (_no_setup, ["sample", "a red circle", "--truncation", "0"], ["sample.truncation", "> 0"]),
     "truncation above 1": (_no_setup, ["sample", "a red circle", "--truncation", "1.5"], ["sample.truncation", "<= 1"]),
-    "n = 0": (_no_setup, ["sample", "a red circle", "-n", "0"], ["sample.n"]),
+    "n = 0": (_no_setup, ["sample", "a red circle", "-n", "0"], ["command-line options: sample.n = 0"]),
     "sample steps above T": (_no_setup, ["sample", "a red circle", "--steps", "50"],
                              ["sample.steps = 50", "diffusion.timesteps = 10"]),
     "NaN guidance": (_no_setup, ["sample", "x", "-s", "sample.guidance=nan"], ["sample.guidance", "finite"]),

@@ -76,6 +76,16 @@ def test_errors_name_the_problem(tmp_path, text, overrides, message):
     assert "\n" not in str(info.value)
 
 
+def test_command_options_come_last_and_are_named_in_errors(tmp_path):
+    path = tmp_path / "clipvqd.toml"
+    path.write_text("[sample]\nsteps = 10\n")
+    config = load_config(path, ["sample.steps=20"], {"sample.steps": "30"})
+    assert config.sample.steps == 30
+    with pytest.raises(UserError) as info:
+        load_config(path, ["sample.steps=20"], {"sample.steps": "0"})
+    assert str(info.value) == "command-line options: sample.steps = 0 is out of range: expected >= 1"
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(UserError, match="no project file at .*clipvqd init"):
         load_config(tmp_path / "nope.toml")

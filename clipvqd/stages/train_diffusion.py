@@ -110,10 +110,7 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
 
     ckpt = Checkpointer(s.stage.root, acc)
     modules = {"model": model, "sampler": sampler, **({"ema": ema} if ema else {})}
-    start, _, resumed = ckpt.resume(modules, {"opt": optimizer})
-    if start > s.steps:
-        raise UserError(f"{resumed} is at step {start}, past {s.title.replace('-', '_')}.steps = {s.steps}: raise the "
-                        f"steps to go on, or delete {ckpt.folder} to start over")
+    start = ckpt.resume(modules, {"opt": optimizer}, s.steps, f"{s.title.replace('-', '_')}.steps")
     model, optimizer = acc.prepare(model, optimizer)
     if acc.is_main_process:
         s.stage.root.mkdir(parents=True, exist_ok=True)

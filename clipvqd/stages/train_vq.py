@@ -15,7 +15,6 @@ import torch
 from clipvqd import checkpoint
 from clipvqd.config import Config, config_to_dict
 from clipvqd.data import make_grid, open_images, save_png
-from clipvqd.errors import UserError
 from clipvqd.models import vq_config
 from clipvqd.project import Project
 from clipvqd.stages.common import resolved_data
@@ -49,10 +48,7 @@ def run(config: Config, project: Project) -> dict:
     stage = project.vq
     ckpt = Checkpointer(stage.root, acc)
     modules = {"model": model, "disc": loss_fn.discriminator, **({"ema": ema} if ema else {})}
-    start, _, resumed = ckpt.resume(modules, {"g": opt_g, "d": opt_d})
-    if start > tc.steps:
-        raise UserError(f"{resumed} is at step {start}, past train_vq.steps = {tc.steps}: raise the steps to go on, "
-                        f"or delete {ckpt.folder} to start over")
+    start = ckpt.resume(modules, {"g": opt_g, "d": opt_d}, tc.steps, "train_vq.steps")
     model, disc, opt_g, opt_d = acc.prepare(model, loss_fn.discriminator, opt_g, opt_d)
     loss_fn.discriminator = disc
     if loss_fn.perceptual is not None:
