@@ -122,7 +122,7 @@ class TransformerConfig:
 
 @dataclass(frozen=True)
 class TrainDiffusionConfig:
-    steps: int = knob(1200, "optimisation steps", ge=1)
+    steps: int = knob(4000, "optimisation steps", ge=1)
     batch_size: int = knob(32, "token grids per step per process", ge=1)
     lr: float = knob(1e-3, "AdamW peak learning rate (per sample if scale_lr)", gt=0)
     scale_lr: bool = knob(False, "multiply lr by the global batch size (VQ-Diffusion: 3e-6 x batch)")
@@ -137,7 +137,7 @@ class TrainDiffusionConfig:
 
 @dataclass(frozen=True)
 class FinetuneCfgConfig:
-    steps: int = knob(200, "optimisation steps of the guidance fine-tune", ge=1)
+    steps: int = knob(400, "optimisation steps of the guidance fine-tune", ge=1)
     batch_size: int = knob(32, "token grids per step per process", ge=1)
     lr: float = knob(3e-4, "AdamW peak learning rate (per sample if scale_lr)", gt=0)
     scale_lr: bool = knob(False, "multiply lr by the global batch size")

@@ -28,7 +28,8 @@ DEMO_PROMPTS = 6
 DEMO_SAMPLES = 16
 # Budgets that fit the whole run in ten minutes on a 2-core CPU (501 s
 # measured, RESULTS.md). The shapes defaults train the tokenizer for 3000
-# steps (about 7 minutes), fine-tune for 200 and sample with 100 steps.
+# steps (about 7 minutes), the denoiser for 4000 (about 18), fine-tune for 400
+# and sample with 100 steps.
 # Diffusion steps buy the most (800 -> 1200 steps took 29% -> 51%
 # in-distribution), so the demo keeps 1200 of them and cuts the tokenizer to
 # 1000 steps and sampling to 25 (4.2x faster than 100 and as accurate,

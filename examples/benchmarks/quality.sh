@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The shapes-world quality benchmark: a larger budget than the demo, then the
-# paper's ablations in miniature. Not run yet (RESULTS.md says so).
+# The shapes-world quality benchmark: the shapes defaults (a larger budget
+# than the demo), then the paper's ablations in miniature. Results, with the
+# run's date and commit: RESULTS.md, "The quality benchmark".
 #
 #   bash examples/benchmarks/quality.sh [DIR]      (default: runs/quality)
 #
@@ -9,13 +10,15 @@
 # at 25 steps and about 1 image/s at 100): tokenizer 7 min, diffusion 18 min,
 # fine-tune 2 min, headline eval 13 min, sampling steps 24 min (100 steps
 # again, so the plot has all four), guidance x truncation 15 min, alpha
-# 36 min: about 1 h 55 min in all.
+# 36 min: about 1 h 55 min in all. The first run took TOOK_TOTAL, with other
+# runs sharing the machine during the headline and 100-step evals.
 #
 # Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
 # number lands in DIR/*/eval/*.json and *.md, a plot per ablation in
 # DIR/base/eval/*-sweep.png and DIR/alpha.png.
 set -euo pipefail
 DIR=${1:-runs/quality}
+# the shapes defaults since this benchmark's first run; explicit for older project files
 BUDGET=(--set train_diffusion.steps=4000 --set finetune_cfg.steps=400)
 EVAL=(--protocol shapes --set eval.fid=false --set eval.inception_score=false)
 mkdir -p "$DIR"
