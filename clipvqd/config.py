@@ -292,11 +292,13 @@ def _check_limits(key: str, value, meta, where: str) -> None:
                 raise UserError(f"{where}: {key} = {value!r} is out of range: expected {text} {bound}")
 
 
-def apply_values(config: Config, values: dict[str, Any], source: str, from_text: bool = False) -> Config:
+def apply_values(config: Config, values: dict[str, Any], source: str, from_text: bool = False,
+                 check: bool = True) -> Config:
     """Set ``{"section.key": value}`` or ``{"section": {key: value}}`` on a config.
 
     ``source`` names where the values came from (a file, ``--set``) for errors.
     With ``from_text`` the values are strings parsed by each field's type.
+    ``check=False`` leaves the checks across keys to the caller.
     """
     flat: dict[tuple[str, str], Any] = {}
     for name, value in values.items():
@@ -335,7 +337,8 @@ def apply_values(config: Config, values: dict[str, Any], source: str, from_text:
         s: dataclasses.replace(getattr(config, s), **kv) for s, kv in updates.items()
     }
     result = dataclasses.replace(config, **new_sections)
-    check_config(result, source)
+    if check:
+        check_config(result, source)
     return result
 
 
@@ -406,9 +409,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 raise UserError(f"--set {item!r}: expected section.key=value")
             key, value = item.split("=", 1)
             parsed[key.strip()] = value
-        config = apply_values(config, parsed, source="--set", from_text=True)
-    if options:
-        config = apply_values(config, options, source="command-line options", from_text=True)
+        config = apply_values(config, parsed, source="--set", from_text=True, check=not options)
+    if options:  # the whole command line is checked together: --set and options may only agree jointly
+        config = apply_values(config, options, source="command-line options", from_text=True, check=False)
+        check_config(config, "--set and command-line options" if overrides else "command-line options")
     return config
 
 

@@ -78,12 +78,17 @@ def test_errors_name_the_problem(tmp_path, text, overrides, message):
 
 def test_command_options_come_last_and_are_named_in_errors(tmp_path):
     path = tmp_path / "clipvqd.toml"
-    path.write_text("[sample]\nsteps = 10\n")
+    path.write_text("[sample]\nsteps = 100\n")
     config = load_config(path, ["sample.steps=20"], {"sample.steps": "30"})
     assert config.sample.steps == 30
     with pytest.raises(UserError) as info:
         load_config(path, ["sample.steps=20"], {"sample.steps": "0"})
     assert str(info.value) == "command-line options: sample.steps = 0 is out of range: expected >= 1"
+    # checked together: a --set that is valid only with the option's value passes
+    config = load_config(path, ["diffusion.timesteps=50"], {"sample.steps": "25"})
+    assert (config.diffusion.timesteps, config.sample.steps) == (50, 25)
+    with pytest.raises(UserError, match="--set and command-line options: sample.steps = 60 exceeds"):
+        load_config(path, ["diffusion.timesteps=50"], {"sample.steps": "60"})
 
 
 def test_missing_file_and_directory(tmp_path):
