@@ -10,7 +10,7 @@
 # at 25 steps and about 1 image/s at 100): tokenizer 7 min, diffusion 18 min,
 # fine-tune 2 min, headline eval 13 min, sampling steps 24 min (100 steps
 # again, so the plot has all four), guidance x truncation 15 min, alpha
-# 36 min: about 1 h 55 min in all. The first run took TOOK_TOTAL, with other
+# 36 min: about 1 h 55 min in all. The first run took 2 h 28 min of running (2 h 47 min wall, 19 min paused), with other
 # runs sharing the machine during the headline and 100-step evals.
 #
 # Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
