@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipvqd.attention import attention
 from clipvqd.errors import UserError
 
 
@@ -105,7 +106,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, Dh)
+        y = attention(q, k, v)  # (B, H, L, Dh)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
 

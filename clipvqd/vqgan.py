@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipvqd.attention import attention
 from clipvqd.errors import UserError
 
 __all__ = [
@@ -267,7 +268,7 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # each (b, hw, c)
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v
+        out = attention(q, k, v)  # softmax(q k^T / sqrt(c)) v
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 

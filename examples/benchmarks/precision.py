@@ -1,0 +1,109 @@
+"""bf16 autocast against fp32 for training the denoiser on a CPU.
+
+Run from the repository root (nothing else running; the comparison is a ratio
+measured in one process, the variants interleaved)::
+
+    python examples/benchmarks/precision.py
+
+Measures, best of ``--repeats`` rounds of ``--steps`` steps each:
+
+* torch's scaled-dot-product attention alone, forward and forward + backward,
+  fp32 against bf16 inputs, at the shapes demo denoiser's shape (32 x 4 heads x
+  64 tokens x 32) and the paper denoiser's (4 x 16 x 256 x 32);
+* one full training step of the shapes denoiser (4 layers x 128, conv MLP,
+  K=1024, 8x8 tokens, batch 32: forward, VLB loss, backward, AdamW) in fp32,
+  in bf16 autocast as clipvqd runs it (``clipvqd.attention``: attention in fp32
+  while training), and in bf16 with torch's own bf16 attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+import clipvqd.attention
+from clipvqd.diffusion import Schedule, vlb_loss
+from clipvqd.transformer import Denoiser, DenoiserConfig
+
+
+def best_ms(fn, steps: int, repeats: int, order: int, rounds: dict) -> None:
+    """Append one round's mean ms per call of ``fn`` to ``rounds[order]``."""
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    rounds.setdefault(order, []).append((time.perf_counter() - start) / steps * 1000)
+
+
+def attention_cases():
+    cases = {}
+    for label, shape in (("shapes denoiser 32x4x64x32", (32, 4, 64, 32)), ("paper 4x16x256x32", (4, 16, 256, 32))):
+        for dtype in (torch.float32, torch.bfloat16):
+            for backward in (False, True):
+                q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=backward) for _ in range(3))
+
+                def run(q=q, k=k, v=v, backward=backward):
+                    y = F.scaled_dot_product_attention(q, k, v)
+                    if backward:
+                        y.float().sum().backward()
+
+                name = f"attention {label} {'fwd+bwd' if backward else 'fwd'} {str(dtype)[6:]}"
+                cases[name] = run
+    return cases
+
+
+def training_cases(batch: int = 32):
+    torch.manual_seed(0)
+    K = 1024
+    model = Denoiser(DenoiserConfig(K, 8, 8, 4, 128, 4, mlp="conv", mlp_ratio=2, cond_dim=64, timesteps=100))
+    schedule = Schedule(K, 100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, K, (batch, 64), generator=gen)
+    cond = F.normalize(torch.randn(batch, 64, generator=gen), dim=-1)
+
+    def step(bf16: bool):
+        t = torch.randint(1, 101, (batch,), generator=gen)
+        x_t = schedule.q_sample(x0, t, gen)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            log_x0 = model(x_t, t, cond)
+        vlb_loss(log_x0.float(), x0, x_t, t, schedule)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def torch_bf16_attention():
+        with mock.patch.object(clipvqd.attention, "attention", F.scaled_dot_product_attention), \
+                mock.patch("clipvqd.transformer.attention", F.scaled_dot_product_attention):
+            step(True)
+
+    return {
+        "train step fp32": lambda: step(False),
+        "train step bf16 (clipvqd: attention in fp32)": lambda: step(True),
+        "train step bf16 (torch's bf16 attention)": torch_bf16_attention,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="calls per round")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds, variants interleaved; the best counts")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    for group in (attention_cases(), training_cases()):
+        rounds: dict = {}
+        names = list(group)
+        for _ in range(args.repeats):
+            for i, name in enumerate(names):
+                best_ms(group[name], args.steps, args.repeats, i, rounds)
+        base = min(rounds[0])
+        for i, name in enumerate(names):
+            print(f"{name:55s} {min(rounds[i]):8.1f} ms   {min(rounds[i]) / base:5.2f}x the first")
+
+
+if __name__ == "__main__":
+    main()
