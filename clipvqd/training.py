@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 
 from clipvqd import checkpoint
@@ -32,6 +33,12 @@ def make_accelerator(project_cfg, find_unused_parameters: bool = False) -> Accel
         torch.set_num_threads(project_cfg.threads)
     if project_cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("project.device = 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != project_cfg.mixed_precision:
+        # One process running stages of different precisions (`clipvqd demo`: the tokenizer in fp32,
+        # the denoiser in bf16). accelerate keeps one precision per process and refuses a second, so
+        # its precision state starts afresh here; the process group (PartialState) is kept.
+        AcceleratorState._reset_state()
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
     return Accelerator(
         cpu=project_cfg.device == "cpu",

@@ -1,0 +1,53 @@
+"""`clipvqd demo`: its budget loads, and its choice of precision per stage."""
+
+import dataclasses
+
+import pytest
+
+from clipvqd.config import load_config
+from clipvqd.stages import demo
+from clipvqd.templates import write_project_file
+
+
+@pytest.fixture
+def demo_config(tmp_path):
+    return load_config(write_project_file(tmp_path / "p", "shapes"), demo.DEMO_OVERRIDES)
+
+
+def _with(config, **project):
+    return dataclasses.replace(config, project=dataclasses.replace(config.project, **project))
+
+
+def test_the_demo_budget_is_a_valid_shapes_config(demo_config):
+    assert demo_config.eval.protocol == "shapes"
+    assert demo_config.train_diffusion.steps > demo_config.train_vq.steps  # diffusion steps buy the most
+
+
+@pytest.mark.parametrize("native, file_choice, device, expected", [
+    (True, "no", "cpu", "bf16"),   # native bf16 CPU: the denoiser's stages in bf16
+    (False, "no", "cpu", "no"),    # emulated bf16 is slower than fp32: keep fp32
+    (True, "fp16", "cpu", "fp16"),  # the project file's explicit choice wins
+    (False, "bf16", "cpu", "bf16"),
+])
+def test_denoiser_precision(demo_config, monkeypatch, native, file_choice, device, expected):
+    monkeypatch.setattr(demo, "native_cpu_bf16", lambda: native)
+    assert demo.denoiser_precision(_with(demo_config, mixed_precision=file_choice, device=device)) == expected
+
+
+def test_a_finished_stage_shows_no_stale_numbers():
+    assert demo._trained({"steps": "1000 (already finished)"}, "loss nan") == "1000 (already finished) steps"
+    assert demo._trained({"steps": "1000 (1000 this run)"}, "loss 0.500") == "1000 (1000 this run) steps, loss 0.500"
+
+
+def test_one_process_runs_stages_of_different_precisions(demo_config):
+    """The demo trains the tokenizer in fp32 and the denoiser in bf16 in one process;
+    accelerate alone would refuse the second precision."""
+    import torch
+
+    from clipvqd.training import make_accelerator
+
+    for precision, dtype in (("no", torch.float32), ("bf16", torch.bfloat16), ("no", torch.float32)):
+        acc = make_accelerator(_with(demo_config, mixed_precision=precision, device="cpu").project)
+        with acc.autocast():
+            out = torch.nn.Linear(3, 3)(torch.ones(2, 3))
+        assert acc.mixed_precision == precision and out.dtype == dtype
