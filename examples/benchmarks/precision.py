@@ -30,7 +30,7 @@ from clipvqd.diffusion import Schedule, vlb_loss
 from clipvqd.transformer import Denoiser, DenoiserConfig
 
 
-def best_ms(fn, steps: int, repeats: int, order: int, rounds: dict) -> None:
+def best_ms(fn, steps: int, order: int, rounds: dict) -> None:
     """Append one round's mean ms per call of ``fn`` to ``rounds[order]``."""
     fn()  # warm-up
     start = time.perf_counter()
@@ -39,11 +39,13 @@ def best_ms(fn, steps: int, repeats: int, order: int, rounds: dict) -> None:
     rounds.setdefault(order, []).append((time.perf_counter() - start) / steps * 1000)
 
 
-def attention_cases():
-    cases = {}
+def attention_groups() -> dict:
+    """{"attention <shape> <pass>": {"fp32": fn, "bf16": fn}} for two shapes, forward and forward + backward."""
+    groups = {}
     for label, shape in (("shapes denoiser 32x4x64x32", (32, 4, 64, 32)), ("paper 4x16x256x32", (4, 16, 256, 32))):
-        for dtype in (torch.float32, torch.bfloat16):
-            for backward in (False, True):
+        for backward in (False, True):
+            group = groups[f"attention {label} {'fwd+bwd' if backward else 'fwd'}"] = {}
+            for dtype in (torch.float32, torch.bfloat16):
                 q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=backward) for _ in range(3))
 
                 def run(q=q, k=k, v=v, backward=backward):
@@ -51,12 +53,11 @@ def attention_cases():
                     if backward:
                         y.float().sum().backward()
 
-                name = f"attention {label} {'fwd+bwd' if backward else 'fwd'} {str(dtype)[6:]}"
-                cases[name] = run
-    return cases
+                group["fp32" if dtype == torch.float32 else "bf16"] = run
+    return groups
 
 
-def training_cases(batch: int = 32):
+def training_groups(batch: int = 32) -> dict:
     torch.manual_seed(0)
     K = 1024
     model = Denoiser(DenoiserConfig(K, 8, 8, 4, 128, 4, mlp="conv", mlp_ratio=2, cond_dim=64, timesteps=100))
@@ -80,11 +81,11 @@ def training_cases(batch: int = 32):
                 mock.patch("clipvqd.transformer.attention", F.scaled_dot_product_attention):
             step(True)
 
-    return {
-        "train step fp32": lambda: step(False),
-        "train step bf16 (clipvqd: attention in fp32)": lambda: step(True),
-        "train step bf16 (torch's bf16 attention)": torch_bf16_attention,
-    }
+    return {"shapes denoiser train step (batch 32)": {
+        "fp32": lambda: step(False),
+        "bf16 (clipvqd: attention in fp32)": lambda: step(True),
+        "bf16 (torch's bf16 attention)": torch_bf16_attention,
+    }}
 
 
 def main(argv=None) -> None:
@@ -94,16 +95,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    for group in (attention_cases(), training_cases()):
+    for title, group in {**attention_groups(), **training_groups()}.items():
         rounds: dict = {}
         names = list(group)
         for _ in range(args.repeats):
             for i, name in enumerate(names):
-                best_ms(group[name], args.steps, args.repeats, i, rounds)
+                best_ms(group[name], args.steps, i, rounds)
         base = min(rounds[0])
+        print(title)
         for i, name in enumerate(names):
-            print(f"{name:55s} {min(rounds[i]):8.1f} ms   {min(rounds[i]) / base:5.2f}x the first")
-
+            print(f"    {name:40s} {min(rounds[i]):8.1f} ms   {min(rounds[i]) / base:5.2f}x the {names[0]} time")
 
 if __name__ == "__main__":
     main()
