@@ -33,7 +33,7 @@ def guide(log_cond: torch.Tensor, log_uncond: torch.Tensor, scale: float) -> tor
     return (g - g.logsumexp(dim=1, keepdim=True)).clamp(LOG_ZERO, 0.0)
 
 
-def truncate(log_p: torch.Tensor, r: float, first_k: int = 16) -> torch.Tensor:
+def truncate(log_p: torch.Tensor, r: float, buckets_per_class: float = 0.25, span: float = 20.0) -> torch.Tensor:
     """Keep, per position, the fewest most-likely classes whose mass reaches ``r``.
 
     ``log_p`` is (B, K, L) normalised log-probabilities; the other classes get
@@ -41,34 +41,44 @@ def truncate(log_p: torch.Tensor, r: float, first_k: int = 16) -> torch.Tensor:
     sampling do not need it). The top class is always kept; ``r >= 1`` keeps all.
     Classes tied exactly with the least likely kept one are kept too.
 
-    Cost: no full sort over K unless needed. With ``k`` = ``first_k`` the set is
-    found from the top-k classes (peaked predictions: the kept set is small) or
-    from the bottom-k (flat predictions: the dropped set, the largest set of least
-    likely classes with mass <= 1 - r, is small); only positions that neither
-    resolves make ``k`` grow x4, up to a full ``topk`` over K. The result is a
-    per-position threshold τ (the least likely kept log-probability) applied
-    with one comparison over the tensor.
+    Cost: no sort or top-k over K (those dominated the sampling loop on a CPU:
+    RESULTS.md, "Truncation"). Per position, the classes fall into
+    ``buckets_per_class * K`` equal-width buckets of log-probability below the
+    position's most likely class (over its range, at most ``span`` nats; lower
+    classes share the last bucket). Bucket order is value order, so one
+    scatter-add of the probabilities and a cumulative sum over the buckets find
+    the bucket where the mass from the top reaches ``r``; only that bucket's few
+    classes are sorted, to find the threshold τ (the least likely kept
+    log-probability), applied with one comparison over the tensor.
     """
     if r >= 1:
         return log_p
-    K = log_p.shape[1]
-    k = min(K, first_k)
-    while True:
-        top = log_p.topk(k, dim=1).values  # (B, k, L), most likely first
-        p_top = top.exp()
-        cum = p_top.cumsum(dim=1)
-        n_keep = ((cum - p_top) < r).sum(dim=1, keepdim=True).clamp(min=1)  # the top class always counts
-        by_top = cum[:, -1:] >= r
-        tau = top.gather(1, n_keep - 1)
-        if k == K or bool(by_top.all()):
-            break
-        bottom = log_p.topk(k, dim=1, largest=False).values  # least likely first
-        n_drop = (bottom.exp().cumsum(dim=1) <= 1 - r).sum(dim=1, keepdim=True)
-        by_bottom = n_drop < k  # then the least likely kept class is bottom[n_drop]
-        tau = torch.where(by_top, tau, bottom.gather(1, n_drop.clamp(max=k - 1)))
-        if bool((by_top | by_bottom).all()):
-            break
-        k = min(K, 4 * k)
+    B, K, L = log_p.shape
+    x = log_p.transpose(1, 2).reshape(B * L, K)  # one row per position
+    rows_n = x.shape[0]
+    nb = max(2, int(K * buckets_per_class))
+    top = x.max(dim=1, keepdim=True).values
+    depth = top - x  # >= 0; 0 at the most likely class
+    width = depth.max(dim=1, keepdim=True).values.clamp(max=span)
+    scale = torch.where(width > 0, (nb - 1) / width, torch.zeros_like(width))
+    bucket = (depth * scale).clamp_(max=nb - 1).long()  # 0 holds the most likely class
+    mass = torch.zeros(rows_n, nb, dtype=x.dtype, device=x.device).scatter_add_(1, bucket, x.exp())
+    cum = mass.cumsum(dim=1)
+    # the bucket where the mass reaches r (never past the last occupied one, whatever the rounding)
+    cross = torch.minimum((cum < r).sum(dim=1, keepdim=True), bucket.max(dim=1, keepdim=True).values)
+    above = torch.where(cross > 0, cum.gather(1, (cross - 1).clamp(min=0)), torch.zeros_like(top))
+    # that bucket's classes, gathered into a (positions, most per bucket) table and sorted
+    inside = bucket == cross
+    counts = inside.sum(dim=1)
+    row, col = inside.nonzero(as_tuple=True)
+    slot = torch.arange(row.numel(), device=x.device) - (counts.cumsum(0) - counts)[row]
+    cand = torch.full((rows_n, int(counts.max())), float("-inf"), dtype=x.dtype, device=x.device)
+    cand[row, slot] = x[row, col]
+    cand = cand.sort(dim=1, descending=True).values
+    p_cand = cand.exp()
+    n_keep = ((above + p_cand.cumsum(dim=1) - p_cand) < r).sum(dim=1, keepdim=True)
+    n_keep = torch.minimum(n_keep.clamp(min=1), counts.unsqueeze(1))  # the top class always counts
+    tau = cand.gather(1, n_keep - 1).view(B, L, 1).transpose(1, 2)  # (B, 1, L)
     return torch.where(log_p >= tau, log_p, torch.full_like(log_p, LOG_ZERO))
 
 
