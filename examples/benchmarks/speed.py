@@ -483,6 +483,25 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_ours(spec: str, device: torch.device, steps: int = 10, rows: int = 25) -> str:
+    """torch.profiler's table (top ``rows`` ops by self CPU time) of our loop's first ``steps`` steps.
+
+    ``spec`` is size:dtype:guidance, e.g. ``small:bf16:3``; one untimed warm-up loop runs first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    name, dtype, guidance = spec.split(":")
+    size = SIZES[name]
+    model = make_ours(size, device)
+    for _ in range(2):  # warm-up, then the profiled run
+        timer = Timed(model, device, max_calls=steps)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            try:
+                run_ours(model, size, size.batch, 100, float(guidance), device, dtype, timer)
+            except StopSampling:
+                pass
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
@@ -506,6 +525,7 @@ def main(argv=None) -> None:
     p.add_argument("--diffusion-steps", type=int, default=60)
     p.add_argument("--count", type=int, default=None, help="data.count for the stage timings (default: example's)")
     p.add_argument("--paper-train", default="", help="e.g. 'bf16:conv:16:10' = dtype:mlp:batch:steps, comma-separated")
+    p.add_argument("--profile", default="", help="only print torch.profiler's table of our loop, e.g. 'small:bf16:3'")
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
     p.add_argument("--markdown", type=Path, default=None, help="also write the tables here")
     args = p.parse_args(argv)
@@ -516,6 +536,9 @@ def main(argv=None) -> None:
     if args.batch:
         for k in ("tiny", "small"):
             SIZES[k] = Size(**{**SIZES[k].__dict__, "batch": args.batch})
+    if args.profile:
+        print(profile_ours(args.profile, device))
+        return
     result = {"device": str(device), "machine": machine(), "argv": sys.argv[1:] if argv is None else argv}
     dtypes = [d for d in args.dtypes.split(",") if d]
     result["peak_gflops"] = {d: matmul_peak(device, torch.float32 if d == "fp32" else torch.bfloat16,
