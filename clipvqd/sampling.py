@@ -33,30 +33,52 @@ def guide(log_cond: torch.Tensor, log_uncond: torch.Tensor, scale: float) -> tor
     return (g - g.logsumexp(dim=1, keepdim=True)).clamp(LOG_ZERO, 0.0)
 
 
-def truncate(log_p: torch.Tensor, r: float, buckets_per_class: float = 0.25, span: float = 20.0) -> torch.Tensor:
+def truncate(log_p: torch.Tensor, r: float, buckets_per_class: float | None = None, span: float = 20.0) -> torch.Tensor:
     """Keep, per position, the fewest most-likely classes whose mass reaches ``r``.
 
     ``log_p`` is (B, K, L) normalised log-probabilities; the other classes get
     LOG_ZERO (the kept ones are not renormalised: the posterior and Gumbel-max
     sampling do not need it). The top class is always kept; ``r >= 1`` keeps all.
-    Classes tied exactly with the least likely kept one are kept too.
+    Classes tied exactly with the least likely kept one are kept too. The
+    result is a per-position threshold τ (the least likely kept
+    log-probability) applied with one comparison over the tensor.
 
-    Cost: no sort or top-k over K (those dominated the sampling loop on a CPU:
-    RESULTS.md, "Truncation"). Per position, the classes fall into
-    ``buckets_per_class * K`` equal-width buckets of log-probability below the
-    position's most likely class (over its range, at most ``span`` nats; lower
-    classes share the last bucket). Bucket order is value order, so one
-    scatter-add of the probabilities and a cumulative sum over the buckets find
-    the bucket where the mass from the top reaches ``r``; only that bucket's few
-    classes are sorted, to find the threshold τ (the least likely kept
-    log-probability), applied with one comparison over the tensor.
+    τ comes from the classes sorted by probability. A GPU sorts all K of them.
+    On a CPU a sort or top-k over K dominated the sampling loop (SPEED.md,
+    "What changed"), so there (``buckets_per_class`` defaults to 0.25 on a CPU,
+    0 = sort everything) the classes of each position first fall into
+    ``buckets_per_class * K`` equal-width buckets of log-probability below its
+    most likely class (over its range, at most ``span`` nats; lower classes
+    share the last bucket). Bucket order is value order, so one scatter-add of
+    the probabilities and a cumulative sum over the buckets find the bucket
+    where the mass from the top reaches ``r``, and only that bucket's few
+    classes are sorted. (On a GPU, scatter-add's float atomics would make the
+    sums, and so rare boundary cases, differ between runs.)
     """
     if r >= 1:
         return log_p
     B, K, L = log_p.shape
     x = log_p.transpose(1, 2).reshape(B * L, K)  # one row per position
+    if buckets_per_class is None:
+        buckets_per_class = 0.25 if x.device.type == "cpu" else 0.0
+    if buckets_per_class > 0:
+        cand, above, counts = _crossing_bucket(x, r, max(2, int(K * buckets_per_class)), span)
+    else:
+        cand, above = x, torch.zeros_like(x[:, :1])
+        counts = torch.full((x.shape[0],), K, device=x.device)
+    cand = cand.sort(dim=1, descending=True).values
+    p_cand = cand.exp()
+    n_keep = ((above + p_cand.cumsum(dim=1) - p_cand) < r).sum(dim=1, keepdim=True)
+    n_keep = torch.minimum(n_keep.clamp(min=1), counts.unsqueeze(1))  # the top class always counts
+    tau = cand.gather(1, n_keep - 1).view(B, L, 1).transpose(1, 2)  # (B, 1, L)
+    return torch.where(log_p >= tau, log_p, torch.full_like(log_p, LOG_ZERO))
+
+
+def _crossing_bucket(x: torch.Tensor, r: float, nb: int, span: float):
+    """For rows ``x`` (positions, K) of log-probabilities: the classes of the bucket where the mass
+    from the top reaches ``r`` (a (positions, most per bucket) table padded with -inf), the mass of
+    the buckets above it, and how many classes it holds per row."""
     rows_n = x.shape[0]
-    nb = max(2, int(K * buckets_per_class))
     top = x.max(dim=1, keepdim=True).values
     depth = top - x  # >= 0; 0 at the most likely class
     width = depth.max(dim=1, keepdim=True).values.clamp(max=span)
@@ -67,19 +89,13 @@ def truncate(log_p: torch.Tensor, r: float, buckets_per_class: float = 0.25, spa
     # the bucket where the mass reaches r (never past the last occupied one, whatever the rounding)
     cross = torch.minimum((cum < r).sum(dim=1, keepdim=True), bucket.max(dim=1, keepdim=True).values)
     above = torch.where(cross > 0, cum.gather(1, (cross - 1).clamp(min=0)), torch.zeros_like(top))
-    # that bucket's classes, gathered into a (positions, most per bucket) table and sorted
     inside = bucket == cross
     counts = inside.sum(dim=1)
     row, col = inside.nonzero(as_tuple=True)
     slot = torch.arange(row.numel(), device=x.device) - (counts.cumsum(0) - counts)[row]
     cand = torch.full((rows_n, int(counts.max())), float("-inf"), dtype=x.dtype, device=x.device)
     cand[row, slot] = x[row, col]
-    cand = cand.sort(dim=1, descending=True).values
-    p_cand = cand.exp()
-    n_keep = ((above + p_cand.cumsum(dim=1) - p_cand) < r).sum(dim=1, keepdim=True)
-    n_keep = torch.minimum(n_keep.clamp(min=1), counts.unsqueeze(1))  # the top class always counts
-    tau = cand.gather(1, n_keep - 1).view(B, L, 1).transpose(1, 2)  # (B, 1, L)
-    return torch.where(log_p >= tau, log_p, torch.full_like(log_p, LOG_ZERO))
+    return cand, above, counts
 
 
 def timestep_subset(timesteps: int, steps: int) -> list[int]:

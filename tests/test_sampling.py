@@ -57,12 +57,13 @@ def test_guide_scale_one_and_normalisation():
 @pytest.mark.parametrize("r", [0.01, 0.3, 0.5, 0.9, 0.99])
 @pytest.mark.parametrize("K_", [5, 300, 2048])
 @pytest.mark.parametrize("spread", [0.0, 0.05, 2.0, 8.0, "mixed"])  # uniform, flat, medium, peaked, per position
-def test_truncate_brute_force(r, K_, spread):
+@pytest.mark.parametrize("buckets", [None, 0.0, 1.0])  # the CPU default (0.25 x K), a full sort (GPUs), more
+def test_truncate_brute_force(r, K_, spread, buckets):
     """Against a float64 sort: the fewest most likely classes whose mass reaches r."""
     g = torch.Generator().manual_seed(1)
     scale = torch.rand(2, 1, 9, generator=g) * 8 if spread == "mixed" else spread
     log_p = (torch.randn(2, K_, 9, generator=g) * scale).log_softmax(1)
-    out = truncate(log_p, r)
+    out = truncate(log_p, r, buckets_per_class=buckets)
     for b in range(2):
         for l in range(9):
             p = log_p[b, :, l].double().exp()
@@ -74,9 +75,9 @@ def test_truncate_brute_force(r, K_, spread):
             assert set(kept.nonzero().view(-1).tolist()) == keep
             assert torch.equal(out[b, kept, l], log_p[b, kept, l])
             assert int(p.argmax()) in keep and float(p[kept].sum()) >= r - 1e-6
-    assert torch.equal(truncate(log_p, 1.0), log_p)
+    assert torch.equal(truncate(log_p, 1.0, buckets_per_class=buckets), log_p)
     # r <= 0 still keeps exactly the top class (all of them when every class ties)
-    only_top = (truncate(log_p, 0.0) > -70).sum(1)
+    only_top = (truncate(log_p, 0.0, buckets_per_class=buckets) > -70).sum(1)
     assert torch.equal(only_top, torch.full((2, 9), K_ if spread == 0.0 else 1))
 
 
