@@ -37,7 +37,8 @@ DEMO_SAMPLES = 16
 # tokenizer to 1000 steps and sampling to 25 (4.2x faster than 100 and as
 # accurate, measured at the defaults). Its short guidance fine-tune runs at
 # 1e-4, the base model's final learning rate: the defaults' 3e-4 scored 6
-# points lower in-distribution (12 prompts a set, RESULTS.md).
+# points lower in-distribution here (12 prompts a set), though not at the
+# defaults' longer schedule (RESULTS.md).
 DEMO_OVERRIDES = [
     f"eval.max_prompts={DEMO_PROMPTS}", f"eval.samples_per_prompt={DEMO_SAMPLES}", "eval.protocol=shapes",
     "train_vq.steps=1000", "train_diffusion.steps=1800", "finetune_cfg.steps=150", "finetune_cfg.lr=0.0001",
