@@ -465,3 +465,23 @@ def test_gumbel_noise_scale_zero_draws_the_argmax_and_one_keeps_gumbel():
     _, _, a = gumbel_softmax_st(logits, 0.5, torch.Generator().manual_seed(3))
     _, _, b = gumbel_softmax_st(logits, 0.5, torch.Generator().manual_seed(3), noise_scale=1.0)
     assert torch.equal(a, b)
+
+
+def test_group_norm_normalises_bf16_in_fp32_on_a_cpu():
+    from clipvqd.vqgan import GroupNorm
+
+    norm = GroupNorm(4, 8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        out = norm(x)
+    expected = torch.nn.functional.group_norm(x.float(), 4, norm.weight, norm.bias, 1e-6).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    out.float().sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+    # fp32 input: exactly nn.GroupNorm
+    xf = x.detach().float()
+    assert torch.equal(norm(xf), torch.nn.GroupNorm.forward(norm, xf))
+    assert set(norm.state_dict()) == {"weight", "bias"}

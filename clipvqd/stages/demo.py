@@ -60,7 +60,7 @@ def denoiser_precision(config: Config) -> str:
     The project file's choice, unless it is "no" and the stages will run on a
     CPU with native bf16: then "bf16", which trains the demo's denoiser 1.4x
     faster here (RESULTS.md). The tokenizer keeps the file's choice: bf16
-    trains it 1.3x slower on the same CPU.
+    does not train it faster on the same CPU.
     """
     if config.project.mixed_precision != "no" or device_of(config).type != "cpu":
         return config.project.mixed_precision

@@ -13,7 +13,11 @@ Measures, best of ``--repeats`` rounds of ``--steps`` steps each:
 * one full training step of the shapes denoiser (4 layers x 128, conv MLP,
   K=1024, 8x8 tokens, batch 32: forward, VLB loss, backward, AdamW) in fp32,
   in bf16 autocast as clipvqd runs it (``clipvqd.attention``: attention in fp32
-  while training), and in bf16 with torch's own bf16 attention.
+  while training), and in bf16 with torch's own bf16 attention;
+* one step of the shapes tokenizer (the shapes example's VQ at 32 px, batch
+  16: forward, squared error, backward, Adam) in fp32, in bf16 as clipvqd runs
+  it (``clipvqd.vqgan.GroupNorm``: group norms in fp32) and in bf16 with
+  torch's own group norm.
 """
 
 from __future__ import annotations
@@ -88,6 +92,41 @@ def training_groups(batch: int = 32) -> dict:
     }}
 
 
+def tokenizer_groups(batch: int = 16) -> dict:
+    import pathlib
+    import tempfile
+
+    from clipvqd.config import load_config
+    from clipvqd.models import vq_config
+    from clipvqd.templates import write_project_file
+    from clipvqd.vqgan import GumbelVQGAN
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(write_project_file(pathlib.Path(tmp) / "p", "shapes"))
+    torch.manual_seed(0)
+    model = GumbelVQGAN(vq_config(config))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, config.data.image_size, config.data.image_size, generator=gen) * 2 - 1
+
+    def step(bf16: bool):
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            recon, _ = model(x, 0.5, gen, hard=True)
+        ((recon.float() - x) ** 2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def torch_bf16_norms():
+        with mock.patch("clipvqd.vqgan.GroupNorm.forward", torch.nn.GroupNorm.forward):
+            step(True)
+
+    return {f"shapes tokenizer train step (batch {batch})": {
+        "fp32": lambda: step(False),
+        "bf16 (clipvqd: group norms in fp32)": lambda: step(True),
+        "bf16 (torch's bf16 group norm)": torch_bf16_norms,
+    }}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="calls per round")
@@ -95,7 +134,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    for title, group in {**attention_groups(), **training_groups()}.items():
+    for title, group in {**attention_groups(), **training_groups(), **tokenizer_groups()}.items():
         rounds: dict = {}
         names = list(group)
         for _ in range(args.repeats):
