@@ -1,7 +1,7 @@
 """Scaled dot-product attention, with one CPU-specific choice.
 
 Under CPU bf16 autocast with gradients on, torch's bf16 attention backward
-runs 2-5x slower than its fp32 one (at the shapes and the paper denoiser's
+runs 1.7-5x slower than its fp32 one (at the shapes and the paper denoiser's
 shapes: examples/benchmarks/precision.py, RESULTS.md "bf16 on a CPU"), which
 made bf16 training no faster than fp32 here. There the attention alone runs in fp32;
 everywhere else (GPUs, inference, fp32) it is ``F.scaled_dot_product_attention``
