@@ -6,6 +6,8 @@
 
 x values are numbers, or strings (then they are placed at equal steps in order
 of first appearance). Each series gets its own colour and a legend entry.
+The y axis spans the data, widened to ``y_range`` when given (shares are drawn
+on 0..1, so a small difference does not look large).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def _fmt(value: float) -> str:
 
 
 def line_chart(series: dict[str, list[tuple[object, float]]], title: str = "", x_label: str = "",
-               y_label: str = "", size: tuple[int, int] = (720, 440)) -> Image.Image:
+               y_label: str = "", size: tuple[int, int] = (720, 440),
+               y_range: tuple[float, float] | None = None) -> Image.Image:
     """Draw one line per series of (x, y) points; returns an RGB image."""
     font = ImageFont.load_default()
     width, height = size
@@ -56,6 +59,8 @@ def line_chart(series: dict[str, list[tuple[object, float]]], title: str = "", x
         return float(categories.index(str(x))) if categorical else float(x)
 
     ys = [y for points in series.values() for _, y in points if y is not None and math.isfinite(y)]
+    if y_range is not None:
+        ys += list(y_range)
     xv = [x_value(x) for x in xs_all]
     x_ticks = list(range(len(categories))) if categorical else (nice_ticks(min(xv), max(xv)) if xv else [0, 1])
     y_ticks = nice_ticks(min(ys), max(ys)) if ys else [0.0, 1.0]

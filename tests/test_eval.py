@@ -253,6 +253,16 @@ def test_plot_helpers():
     categorical = np.asarray(line_chart({"a": [("cfg", 0.5), ("base", 0.7)]}))
     assert (categorical == [31, 119, 180]).all(axis=-1).sum() > 20
 
+    def line_rows(image):  # rows holding the first series' colour, inside the frame (not the legend)
+        rows, cols = (np.asarray(image)[:, :540] == [31, 119, 180]).all(axis=-1).nonzero()
+        return rows.min(), rows.max()
+
+    flat = {"a": [(1, 0.5), (2, 0.5)]}
+    low, high = line_rows(line_chart(flat, y_range=(0.0, 1.0)))  # frame rows 44..390: 0.5 sits at 217
+    assert low >= 217 - 4 and high <= 217 + 4
+    low, high = line_rows(line_chart({"a": [(1, 0.5), (2, 0.52)]}))  # without a range the data fill the axis
+    assert high - low > 300
+
 
 class _FakeInception(torch.nn.Module):
     """A TorchScript stand-in with the parts of clean-fid's Inception file that eval uses."""

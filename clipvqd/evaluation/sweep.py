@@ -74,4 +74,5 @@ def plot(points: list[dict], metric: str, title: str):
     for p in points:
         name = label({k: p["values"][k] for k in rest}) or metric
         series.setdefault(name, []).append((p["values"][x_key], p["metrics"].get(metric)))
-    return line_chart(series, title=title, x_label=x_key, y_label=metric)
+    share = metric.startswith("judge")  # judge metrics are shares in 0..1
+    return line_chart(series, title=title, x_label=x_key, y_label=metric, y_range=(0.0, 1.0) if share else None)

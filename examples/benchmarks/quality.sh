@@ -59,6 +59,6 @@ for name in ("judge in-distribution, all samples: all named", "judge held-out, a
     series[name] = [(float(a), json.loads((root / f"alpha-{a}" / "eval" / "alpha.json").read_text())["metrics"][name])
                     for a in ("0", "0.25", "0.5", "1.0")]
 line_chart(series, title="pseudo-text noise alpha (paper Fig. 7)", x_label="alpha",
-           y_label="judged all named").save(root / "alpha.png")
+           y_label="judged all named", y_range=(0.0, 1.0)).save(root / "alpha.png")
 print(json.dumps(series, indent=2))
 PY
