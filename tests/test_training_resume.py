@@ -3,6 +3,7 @@ ends with exactly the weights of an uninterrupted run of the same seed."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -85,3 +86,35 @@ def test_sigkill_and_rerun_matches_uninterrupted(tmp_path, stage):
     # every checkpoint left behind loads
     for ckpt in (killed.parent / sub / "checkpoints").glob("step-*.safetensors"):
         load_file(str(ckpt))
+
+
+@pytest.mark.parametrize("stage", ["train-vq", "train-diffusion"])
+def test_rerunning_a_finished_stage_leaves_its_model_file_alone(tmp_path, stage):
+    """A rewrite would change the file's bytes (safetensors orders metadata as it likes), so its
+    sha256, and the tokens and denoiser recorded against it would look stale or be re-stamped."""
+    project = write_tiny_project(tmp_path / "p")
+    if stage != "train-vq":
+        write_fake_tokens(project.parent)
+    assert _run(project, stage).returncode == 0
+    model = project.parent / STAGE_DIRS[stage] / "model.safetensors"
+    before = model.stat()
+    rerun = _run(project, stage)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "already finished" in rerun.stdout
+    after = model.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_a_finished_denoiser_of_other_tokens_is_refused(tmp_path):
+    """tokenize ran again after train-diffusion finished: 'already finished' would keep a model of the
+    old tokens (and before, re-stamp it with the new ones); the rerun must say so instead."""
+    project = write_tiny_project(tmp_path / "p")
+    write_fake_tokens(project.parent)
+    assert _run(project, "train-diffusion").returncode == 0
+    meta_path = project.parent / "tokens" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["clip"] = "another CLIP"
+    meta_path.write_text(json.dumps(meta))
+    rerun = _run(project, "train-diffusion")
+    assert rerun.returncode == 2
+    assert "trained on other tokens" in rerun.stderr and "delete" in rerun.stderr

@@ -111,6 +111,8 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
     ckpt = Checkpointer(s.stage.root, acc)
     modules = {"model": model, "sampler": sampler, **({"ema": ema} if ema else {})}
     start = ckpt.resume(modules, {"opt": optimizer}, s.steps, f"{s.title.replace('-', '_')}.steps")
+    if start == s.steps and s.stage.model.exists():
+        _check_same_tokens(s.stage.model, meta)
     model, optimizer = acc.prepare(model, optimizer)
     if acc.is_main_process:
         s.stage.root.mkdir(parents=True, exist_ok=True)
@@ -169,12 +171,12 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
     runlog.close()
 
     weights = ema.weights_for(raw) if ema else raw.state_dict()
-    if acc.is_main_process:
+    trained = s.steps - start
+    if acc.is_main_process and (trained or not s.stage.model.exists()):  # a finished model stays as it is
         extra = {"diffusion": config_to_dict(config.diffusion), "tokens": {k: meta[k] for k in ("vq_sha256", "clip")},
                  "alpha": td.alpha, **s.extra_meta}
         checkpoint.save_model(s.stage.model, weights, "diffusion", asdict(raw.cfg), extra)
     acc.wait_for_everyone()
-    trained = s.steps - start
     return {
         "model": str(s.stage.model),
         "steps": f"{s.steps} ({'already finished' if trained == 0 else f'{trained} this run'}"
@@ -183,6 +185,15 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
         "processes": acc.num_processes,
         "steps/s": trained / elapsed if trained else 0.0,
     }
+
+
+def _check_same_tokens(model_path: Path, tokens_meta: dict) -> None:
+    """A finished model must have been trained on the tokens/ there now (tokenize may have run since)."""
+    trained_on = checkpoint.read_metadata(model_path).get("tokens")
+    now = {k: tokens_meta[k] for k in ("vq_sha256", "clip")}
+    if trained_on is None or json.loads(trained_on) != now:
+        raise UserError(f"{model_path} was trained on other tokens than tokens/ holds now (tokenize ran since): "
+                        f"delete {model_path.parent} to train it again on them")
 
 
 def _schedule_args(config: Config) -> dict:

@@ -106,10 +106,12 @@ def run(config: Config, project: Project) -> dict:
 
     final = acc.unwrap_model(model)
     weights = ema.weights_for(final) if ema else final.state_dict()
-    if acc.is_main_process:
+    trained = tc.steps - start
+    # a finished run keeps its file as it is: a rewrite would change its bytes (safetensors orders the
+    # metadata as it likes), hence its sha256, and so make the tokens and the denoiser built on it look stale
+    if acc.is_main_process and (trained or not stage.model.exists()):
         checkpoint.save_model(stage.model, weights, "vq", final.cfg.to_dict())
     acc.wait_for_everyone()
-    trained = tc.steps - start
     return {
         "model": str(stage.model),
         "steps": f"{tc.steps} ({'already finished' if trained == 0 else f'{trained} this run'}"
