@@ -5,28 +5,31 @@
 #
 #   bash examples/benchmarks/quality.sh [DIR]      (default: runs/quality)
 #
-# Budget on a 2-core CPU, estimated from rates measured with the conv-MLP
-# defaults (RESULTS.md: train-diffusion 3.8 steps/s, sampling 3.75 images/s
-# at 25 steps and about 1 image/s at 100): tokenizer 7 min, diffusion 18 min,
-# fine-tune 2 min, headline eval 13 min, sampling steps 24 min (100 steps
-# again, so the plot has all four), guidance x truncation 15 min, alpha
-# 36 min: about 1 h 55 min in all. The first run took 2 h 28 min of running (2 h 47 min wall, 19 min paused), with other
-# runs sharing the machine during the headline and 100-step evals.
+# Budget: the shapes defaults with 20,000 training images (not 5,000) and
+# 12,000 diffusion steps (not 4,000); the denoiser stages (train-diffusion,
+# finetune-cfg, eval) in bf16 where the CPU computes it natively, as the demo
+# does (fp32 elsewhere: then the diffusion stage takes about 1.5x longer).
+# On this 2-core CPU (RESULTS.md): tokenizer 7 min, tokenize 1 min, diffusion
+# 55 min (3.7 steps/s; the recorded run trained two projects at once, one
+# thread each), fine-tune 2 min, then the evals and the alpha ablation.
+# (Its first run, with 4,000 diffusion steps in fp32, took 2 h 28 min of running.)
 #
 # Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
 # number lands in DIR/*/eval/*.json and *.md, a plot per ablation in
 # DIR/base/eval/*-sweep.png and DIR/alpha.png.
 set -euo pipefail
 DIR=${1:-runs/quality}
-# the shapes defaults since this benchmark's first run; explicit for older project files
-BUDGET=(--set train_diffusion.steps=4000 --set finetune_cfg.steps=400)
+BUDGET=(--set data.count=20000 --set train_diffusion.steps=12000 --set finetune_cfg.steps=400)
+# bf16 for the denoiser where the CPU has it natively (the demo's rule), else fp32
+PREC=$(python -c "from clipvqd.stages.demo import native_cpu_bf16; print('bf16' if native_cpu_bf16() else 'no')")
 EVAL=(--protocol shapes --set eval.fid=false --set eval.inception_score=false)
 mkdir -p "$DIR"
 [ -f "$DIR/base/clipvqd.toml" ] || clipvqd init "$DIR/base" --example shapes
-P=(-p "$DIR/base/clipvqd.toml" "${BUDGET[@]}")
-clipvqd train-vq "${P[@]}"
+V=(-p "$DIR/base/clipvqd.toml" "${BUDGET[@]}")  # the tokenizer stages, fp32
+P=("${V[@]}" --set project.mixed_precision=$PREC)  # the denoiser stages
+clipvqd train-vq "${V[@]}"
 python examples/benchmarks/vq_quality.py "$DIR/base" --count 500 > "$DIR/base/vq_quality.json"
-clipvqd tokenize "${P[@]}"
+clipvqd tokenize "${V[@]}"
 clipvqd train-diffusion "${P[@]}"
 clipvqd finetune-cfg "${P[@]}"
 # headline: 24 prompts of each set, 16 candidates each (all samples and best of 16
@@ -44,7 +47,7 @@ for a in 0 0.25 0.5 1.0; do
   if [ ! -f "$D/clipvqd.toml" ]; then
     mkdir -p "$D" && cp "$DIR/base/clipvqd.toml" "$D/" && cp -r "$DIR/base/vq" "$DIR/base/tokens" "$D/"
   fi
-  A=(-p "$D/clipvqd.toml" --set train_diffusion.steps=1500 --set finetune_cfg.steps=150 --set train_diffusion.alpha=$a)
+  A=(-p "$D/clipvqd.toml" --set project.mixed_precision=$PREC --set data.count=20000 --set train_diffusion.steps=1500 --set finetune_cfg.steps=150 --set train_diffusion.alpha=$a)
   clipvqd train-diffusion "${A[@]}"
   clipvqd finetune-cfg "${A[@]}"
   clipvqd eval "${A[@]}" "${EVAL[@]}" --set eval.max_prompts=12 --set sample.steps=25 --name alpha
