@@ -94,10 +94,10 @@ def run(directory: Path, console: Console) -> dict:
         return result
 
     stage("train-vq", train_vq.run, lambda r: _trained(
-        r, f"squared error {r['l2']:.4f}, codebook usage {r['codebook usage (last batch)']:.0%}"))
+        r, lambda: f"squared error {r['l2']:.4f}, codebook usage {r['codebook usage (last batch)']:.0%}"))
     stage("tokenize", tokenize.run, lambda r: f"{r['images']} images -> {project.tokens}")
-    stage("train-diffusion", train_diffusion.run, lambda r: _trained(r, f"loss {r['loss']:.3f}"), denoiser_config)
-    stage("finetune-cfg", finetune_cfg.run, lambda r: _trained(r, f"loss {r['loss']:.3f}"), denoiser_config)
+    stage("train-diffusion", train_diffusion.run, lambda r: _trained(r, lambda: f"loss {r['loss']:.3f}"), denoiser_config)
+    stage("finetune-cfg", finetune_cfg.run, lambda r: _trained(r, lambda: f"loss {r['loss']:.3f}"), denoiser_config)
     result = stage("eval", lambda c, p: eval_stage.run(c, p, name="demo"),
                    lambda r: f"{r.get('images', '?')} images judged, written to {project.eval_dir / 'demo.json'}",
                    denoiser_config)
@@ -119,10 +119,11 @@ def run(directory: Path, console: Console) -> dict:
     return {"contact sheet": str(sheet), **{k: v for k, v in metrics.items() if k.startswith("judge")}}
 
 
-def _trained(result: dict, numbers: str) -> str:
-    """A training stage's line: its steps, and its last losses unless it had already finished."""
+def _trained(result: dict, numbers) -> str:
+    """A training stage's line: its steps, and its last losses (``numbers()``) unless it had already
+    finished (then the stage reports none)."""
     done = "already finished" in result["steps"]
-    return f"{result['steps']} steps" + ("" if done else f", {numbers}")
+    return f"{result['steps']} steps" + ("" if done else f", {numbers()}")
 
 
 def _best_sheet(project: Project, result: dict) -> Path:

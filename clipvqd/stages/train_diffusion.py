@@ -181,7 +181,7 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
         "model": str(s.stage.model),
         "steps": f"{s.steps} ({'already finished' if trained == 0 else f'{trained} this run'}"
                  + (f", resumed from step {start})" if start else ")"),
-        "loss": terms.get("loss", float("nan")),
+        **({"loss": terms["loss"]} if trained else {}),  # none when already finished
         "processes": acc.num_processes,
         "steps/s": trained / elapsed if trained else 0.0,
     }

@@ -116,10 +116,8 @@ def run(config: Config, project: Project) -> dict:
         "model": str(stage.model),
         "steps": f"{tc.steps} ({'already finished' if trained == 0 else f'{trained} this run'}"
                  + (f", resumed from step {start})" if start else ")"),
-        "l1": terms.get("l1", float("nan")),
-        "l2": terms.get("l2", float("nan")),
-        "codebook usage (last batch)": terms.get("usage", float("nan")),
-        "perplexity (last batch)": terms.get("perplexity", float("nan")),
+        **({"l1": terms["l1"], "l2": terms["l2"], "codebook usage (last batch)": terms["usage"],
+            "perplexity (last batch)": terms["perplexity"]} if trained else {}),  # none when already finished
         "steps/s": trained / elapsed if trained else 0.0,
     }
 
