@@ -10,7 +10,7 @@
 # finetune-cfg, eval) in bf16 where the CPU computes it natively, as the demo
 # does (fp32 elsewhere: then the diffusion stage takes about 1.5x longer).
 # On this 2-core CPU (RESULTS.md): tokenizer 7 min, tokenize 1 min, diffusion
-# 55 min (3.7 steps/s; the recorded run trained two projects at once, one
+# 53.5 min (3.74 steps/s; the recorded run trained two projects at once, one
 # thread each), fine-tune 2 min, then the evals and the alpha ablation.
 # (Its first run, with 4,000 diffusion steps in fp32, took 2 h 28 min of running.)
 #
