@@ -25,11 +25,16 @@ from clipvqd.errors import UserError
 def guide(log_cond: torch.Tensor, log_uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance on log p(x0): u + scale (c - u), renormalised over dim 1.
 
-    Returns log-probabilities clamped to [LOG_ZERO, 0]; ``scale == 1`` returns ``log_cond``.
+    The inputs are first clamped to [LOG_ZERO, 0], as the reference clamps its
+    predictions: below log 0 the difference c - u means nothing, and scaled up
+    it could lift a class both halves rule out (c = -100, u = -160) above the
+    top one. Returns log-probabilities clamped to [LOG_ZERO, 0]; ``scale == 1``
+    returns ``log_cond``.
     """
     if scale == 1:
         return log_cond
-    g = torch.lerp(log_uncond, log_cond, float(scale))  # u + scale (c - u)
+    c, u = log_cond.clamp(LOG_ZERO, 0.0), log_uncond.clamp(LOG_ZERO, 0.0)
+    g = torch.lerp(u, c, float(scale))  # u + scale (c - u)
     return (g - g.logsumexp(dim=1, keepdim=True)).clamp(LOG_ZERO, 0.0)
 
 

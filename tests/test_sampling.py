@@ -54,6 +54,16 @@ def test_guide_scale_one_and_normalisation():
     assert torch.allclose(guide(c, u, 0.0), u, atol=1e-6)
 
 
+def test_guide_ignores_differences_below_log_zero():
+    # a class both halves rule out (conditional -100, unconditional -160 against the top's 0):
+    # on the raw numbers u + 3 (c - u) would put it 20 nats ABOVE the top class
+    c = torch.tensor([[0.0, -100.0]]).log_softmax(1).view(1, 2, 1).double()
+    u = torch.tensor([[0.0, -160.0]]).log_softmax(1).view(1, 2, 1).double()
+    out = guide(c, u, 3.0)
+    assert out[0, :, 0].argmax() == 0
+    assert torch.allclose(out[0, :, 0], torch.tensor([0.0, -70.0], dtype=torch.float64), atol=1e-12)
+
+
 @pytest.mark.parametrize("r", [0.01, 0.3, 0.5, 0.9, 0.99])
 @pytest.mark.parametrize("K_", [5, 300, 2048])
 @pytest.mark.parametrize("spread", [0.0, 0.05, 2.0, 8.0, "mixed"])  # uniform, flat, medium, peaked, per position
