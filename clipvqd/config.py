@@ -373,6 +373,12 @@ def check_config(config: Config, source: str) -> None:
             f"{source}: the diffusion schedule needs keep_start > keep_end, mask_start < mask_end, "
             "and keep + mask <= 1 at both ends"
         )
+    from clipvqd.diffusion import Schedule  # the schedule's own checks, now rather than at training time
+
+    try:
+        Schedule(config.vq.codebook_size, d.timesteps, d.keep_start, d.keep_end, d.mask_start, d.mask_end)
+    except UserError as e:
+        raise UserError(f"{source}: [diffusion] {e}") from None
 
 
 # --------------------------------------------------------------------------- loading

@@ -149,6 +149,15 @@ class Schedule:
                 "diffusion schedule is not a valid process (some step would need a negative "
                 f"probability); keep must fall and mask rise fast enough: {self.settings}"
             )
+        # The posterior divides the prediction by q(x_t | x0), which is b for x0 != x_t. Log-probabilities
+        # are floored at LOG_ZERO (e^-70), so b must stay well above that floor or the division turns
+        # floored zeros back into mass (at b = 0, pure masking, it hands probability to impossible states).
+        # Below e^-35, a floored class would come back with weight above e^-35. The defaults have b >= e^-27.
+        if (b[valid.triu(1)] < math.exp(LOG_ZERO / 2)).any():
+            raise UserError(
+                "diffusion schedule has (almost) no uniform replacement: keep + mask must stay below 1 "
+                f"(by more than about 1e-15 x the codebook size) at every step; got {self.settings}"
+            )
         b = b.clamp(min=0.0)
         c = (1 - one_minus_c).clamp(min=0.0)
         nan = torch.tensor(float("nan"), dtype=f64)

@@ -63,6 +63,8 @@ def test_precedence_file_then_overrides(tmp_path):
         ("", ["sample.steps=101"], "sample.steps = 101 exceeds diffusion.timesteps = 100"),
         ("", ["vq.channel_mult=1,2"], "vq.channel_mult = [1, 2] gives downsampling factor 2"),
         ("", ["train_vq"], "expected section.key=value"),
+        ("[diffusion]\nkeep_start = 0.9\nmask_start = 0.1\nkeep_end = 0.0001\nmask_end = 0.9999\n", [],
+         "[diffusion] diffusion schedule has (almost) no uniform replacement"),
         ("data = 3\n", [], "'data' must be a [section] table"),
         ("[data\n", [], "not valid TOML"),
     ],

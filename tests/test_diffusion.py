@@ -213,6 +213,10 @@ def test_invalid_schedule_is_a_user_error():
         Schedule(4, 10, keep_start=0.5, keep_end=0.9)  # keep rising
     with pytest.raises(UserError):
         Schedule(4, 10, keep_end=0.6, mask_end=0.6)  # keep + mask > 1
+    # keep + mask = 1 at both ends: pure masking, no replacement left for the posterior to divide by
+    with pytest.raises(UserError, match="no uniform replacement"):
+        Schedule(4, 10, keep_start=0.9, keep_end=0.0001, mask_start=0.1, mask_end=0.9999)
+    Schedule(4096, 100)  # the defaults: replacement at least e^-27 per class
 
 
 def test_loss_is_zero_for_a_perfect_prediction():
