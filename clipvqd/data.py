@@ -126,19 +126,23 @@ def _check_image_size(image_size: Any) -> int:
     return image_size
 
 
-def load_image_file(path: str | os.PathLike, image_size: int) -> torch.Tensor:
-    """One user-given image (e.g. a reference picture) as float (3, S, S) in [-1, 1].
+def open_image_file(path: str | os.PathLike) -> Image.Image:
+    """One image file the user named (a reference picture, a sample), decoded to RGB.
 
     A missing or unreadable file is a UserError, since the user named it."""
-    image_size = _check_image_size(image_size)
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"image file not found: {path}")
     try:
-        image = decode_rgb(path)
+        return decode_rgb(path)
     except Exception as error:  # any decoding failure is the file's fault
         raise UserError(f"cannot read {path} as an image: {_reason(error, path)}") from error
-    return pil_to_tensor(resize_center_crop(image, image_size))
+
+
+def load_image_file(path: str | os.PathLike, image_size: int) -> torch.Tensor:
+    """One user-given image as float (3, S, S) in [-1, 1] (see :func:`open_image_file`)."""
+    image_size = _check_image_size(image_size)
+    return pil_to_tensor(resize_center_crop(open_image_file(path), image_size))
 
 
 def _reason(error: BaseException, path: Path | None = None) -> str:

@@ -93,10 +93,14 @@ class Project:
         return self.root / "samples"
 
     def samples(self, name: str) -> Path:
-        return self.samples_root / name
+        return self.samples_root / plain_name(name, "sample.name")
 
     def reranked(self, name: str) -> Path:
-        return self.root / "reranked" / name
+        return self.root / "reranked" / plain_name(name, "the samples folder's name")
+
+    def eval_report(self, name: str) -> Path:
+        """eval/<name>.json (the .md and sweep files sit beside it)."""
+        return self.eval_dir / f"{plain_name(name, 'the eval name')}.json"
 
     @property
     def eval_dir(self) -> Path:
@@ -113,6 +117,13 @@ class Project:
             rel = path.relative_to(self.root) if path.is_relative_to(self.root) else path
             raise UserError(f"{rel} is missing: run `{PRODUCER[artefact]}` first")
         return path
+
+
+def plain_name(name: str, what: str) -> str:
+    """``name`` if it is a plain folder name (no path separators, not '.' or '..'), else a UserError."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise UserError(f"{what} = {name!r} must be a plain folder name (no '/', not '.' or '..')")
+    return name
 
 
 def slug(text: str, max_len: int = 60) -> str:

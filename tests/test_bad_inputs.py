@@ -322,6 +322,70 @@ def test_rerank_of_a_corrupt_index(tmp_path):
     assert_one_line_error(_invoke(root, ["rerank", "samples/s"]), "index.jsonl", "line 1", "clipvqd sample")
 
 
+def _samples_folder(root: Path, rows: list[dict] | None = None, image_bytes: bytes | None = None) -> Path:
+    """samples/s with one 8x8 image (or ``image_bytes`` as its file) and an index of ``rows``."""
+    folder = root / "samples" / "s"
+    (folder / "images").mkdir(parents=True)
+    if image_bytes is None:
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(folder / "images" / "a.png")
+    else:
+        (folder / "images" / "a.png").write_bytes(image_bytes)
+    if rows is None:
+        rows = [{"file": "images/a.png", "prompt": "a red circle", "seed": 0, "clip_score": 0.1}]
+    (folder / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.mark.parametrize("rows, needles", [
+    ([], ["lists no samples"]),
+    ([{"file": "images/a.png", "seed": 0, "clip_score": 0.1}], ["line 1", "not a sample record"]),
+    ([{"file": "images/a.png", "prompt": "x", "clip_score": 0.1}, ["a list"]], ["line 2", "not a sample record"]),
+])
+def test_rerank_and_eval_of_an_edited_index(tmp_path, rows, needles):
+    root = tmp_path / "proj"
+    write_tiny_project(root)
+    kept = root / "reranked" / "s" / "kept.txt"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("from an earlier rerank")
+    _samples_folder(root, rows)
+    assert_one_line_error(_invoke(root, ["rerank", "samples/s"]), "index.jsonl", "clipvqd sample", *needles)
+    assert_one_line_error(_invoke(root, ["eval", "samples/s", "--clip"]), "index.jsonl", *needles)
+    assert kept.is_file()  # refused before anything was replaced
+
+
+def test_rerank_and_eval_of_a_corrupt_image(tmp_path, random_clip):
+    root = tmp_path / "proj"
+    write_tiny_project(root)
+    _samples_folder(root, image_bytes=b"\x89PNG\r\n\x1a\nnot really")
+    clip = ["-s", "clip.model=shapes", "-s", f"clip.pretrained={random_clip}"]
+    assert_one_line_error(_invoke(root, ["rerank", "samples/s", *clip]), "a.png", "as an image")
+    assert_one_line_error(_invoke(root, ["eval", "samples/s", "--clip", *clip]),
+                          "a.png", "as an image")
+
+
+def test_rerank_of_dot_names_the_folder_and_spares_other_results(tmp_path, random_clip):
+    root = tmp_path / "proj"
+    write_tiny_project(root)
+    folder = _samples_folder(root)
+    other = root / "reranked" / "other" / "precious.txt"
+    other.parent.mkdir(parents=True)
+    other.write_text("keep me")
+    result = _invoke(folder, ["rerank", ".", "-p", "../../clipvqd.toml", "-s", "clip.model=shapes",
+                              "-s", f"clip.pretrained={random_clip}"])
+    assert result.exit_code == 0, result.output
+    assert other.read_text() == "keep me"
+    assert (root / "reranked" / "s" / "images" / "a.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["../outside", ".", "a/b"])
+def test_eval_name_must_be_a_plain_folder_name(tmp_path, name):
+    root = tmp_path / "proj"
+    write_tiny_project(root)
+    _samples_folder(root)
+    assert_one_line_error(_invoke(root, ["eval", "samples/s", "--clip", "--name", name]), "eval name", "plain folder name")
+    assert not (root / "outside.json").exists() and not (root / "eval").exists()
+
+
 # --------------------------------------------------------------------------- checkpoints of another configuration
 
 

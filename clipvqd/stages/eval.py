@@ -30,16 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from clipvqd import checkpoint
 from clipvqd.config import Config, config_to_dict
-from clipvqd.data import from_uint8
+from clipvqd.data import from_uint8, open_image_file
 from clipvqd.errors import UserError
 from clipvqd.evaluation import judging, sweep as sweeping
 from clipvqd.evaluation.protocols import protocol_prompts, shapes_reference
 from clipvqd.metrics import clip_score_cosine, clip_score_torchmetrics, feature_statistics, frechet_distance, inception_score
-from clipvqd.project import Project, slug
+from clipvqd.project import Project, plain_name, slug
 from clipvqd.stages.common import configured_clip, device_of
 from clipvqd.stages.rerank import read_index
 
@@ -98,8 +97,7 @@ def _extractor(config: Config, project: Project, clip, device):
 def _load_pixels(path: Path) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"{path} is listed in index.jsonl but missing; rerun `clipvqd sample`")
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.asarray(open_image_file(path), dtype=np.uint8)
 
 
 def evaluate(config: Config, project: Project, samples_dir: Path, rows: list[dict]) -> tuple[dict, list[str]]:
@@ -222,11 +220,11 @@ def _compact(metrics: dict) -> dict:
 
 
 def _write_report(config: Config, project: Project, name: str, samples_dir: Path, metrics: dict, notes: list[str]) -> Path:
-    path = project.eval_dir / f"{name}.json"
+    path = project.eval_report(name)
     report = {"name": name, "protocol": config.eval.protocol, "samples": str(samples_dir),
               "images": metrics["images"], "metrics": metrics, "notes": notes, "config": config_to_dict(config)}
     checkpoint.atomic_write_text(path, json.dumps(report, indent=2))
-    checkpoint.atomic_write_text(project.eval_dir / f"{name}.md",
+    checkpoint.atomic_write_text(path.with_suffix(".md"),
                                  _markdown(f"eval {name} ({config.eval.protocol})", metrics, notes))
     return path
 
@@ -242,7 +240,7 @@ def _plot_metric(points: list[dict]) -> str:
 def run_sweep(config: Config, project: Project, sweeps: list[str], name: str | None) -> dict:
     parsed = sweeping.parse_sweeps(sweeps)
     protocol = config.eval.protocol
-    name = name or protocol
+    name = plain_name(name or protocol, "the eval name")  # before any sampling
     points = []
     for values, point_config in sweeping.grid(config, parsed):
         folder = f"eval-{protocol}-" + slug(sweeping.label(values).replace("=", "-"), 80)
@@ -276,10 +274,12 @@ def run(config: Config, project: Project, samples_dir: Path | None = None, sweep
             raise UserError("--sweep samples at every grid point; it cannot evaluate a given SAMPLES_DIR")
         return run_sweep(config, project, list(sweeps), name)
     protocol = config.eval.protocol
+    if name is not None:
+        plain_name(name, "the eval name")  # before any sampling
     if samples_dir is not None:
         samples_dir = Path(samples_dir)
         rows = read_index(samples_dir)
-        name = name or samples_dir.name
+        name = name or samples_dir.resolve().name  # resolved: `eval .` names the folder it is
     else:
         samples_dir = generate(config, project, f"eval-{protocol}")
         rows = read_index(samples_dir)

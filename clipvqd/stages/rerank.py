@@ -15,7 +15,7 @@ import torch
 
 from clipvqd import checkpoint
 from clipvqd.config import Config
-from clipvqd.data import load_image_file
+from clipvqd.data import open_image_file, pil_to_tensor, resize_center_crop
 from clipvqd.errors import UserError
 from clipvqd.project import Project
 from clipvqd.stages.common import configured_clip, device_of
@@ -28,17 +28,23 @@ def read_index(samples_dir: Path) -> list[dict]:
     if not index.is_file():
         raise UserError(f"{samples_dir} has no index.jsonl: it was not written by `clipvqd sample` (rerun it)")
     rows = []
-    for n, line in enumerate(index.read_text().splitlines(), 1):
+    for n, line in enumerate(index.read_text(errors="replace").splitlines(), 1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"{index}: line {n} is not JSON; rerun `clipvqd sample`") from None
+        if not (isinstance(row, dict) and isinstance(row.get("file"), str) and isinstance(row.get("prompt"), str)
+                and isinstance(row.get("clip_score", 0.0), (int, float))):
+            raise UserError(f"{index}: line {n} is not a sample record (file, prompt, clip_score); rerun `clipvqd sample`")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{index} lists no samples; rerun `clipvqd sample`")
     return rows
 
 
 def keep_best(project: Project, samples_dir: Path, rows: list[dict], keep: int) -> Path:
     """Copy the ``keep`` highest-scoring images of each prompt to reranked/<name>/."""
-    out = project.reranked(Path(samples_dir).name)
+    out = project.reranked(Path(samples_dir).resolve().name)  # resolved: `rerank .` names the folder it is
     if out.exists():
         shutil.rmtree(out)
     kept = []
@@ -65,7 +71,8 @@ def run(config: Config, project: Project, samples_dir: Path) -> dict:
     rescored = []
     for r in rows:
         if r["prompt"] in text:
-            image = load_image_file(samples_dir / r["file"], _side(samples_dir / r["file"])).unsqueeze(0)
+            picture = open_image_file(samples_dir / r["file"])
+            image = pil_to_tensor(resize_center_crop(picture, min(picture.size))).unsqueeze(0)
             r = {**r, "clip_score": round(float((clip.embed_images(image).float()[0] * text[r["prompt"]]).sum()), 6)}
         rescored.append(r)
     out = keep_best(project, samples_dir, rescored, config.rerank.keep)
@@ -75,9 +82,3 @@ def run(config: Config, project: Project, samples_dir: Path) -> dict:
             "mean best CLIP score (cosine)": sum(best) / len(best),
             "mean CLIP score, all samples": sum(r["clip_score"] for r in rescored) / len(rescored)}
 
-
-def _side(path: Path) -> int:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return min(im.size)

@@ -24,7 +24,7 @@ from clipvqd.data import load_image_file, save_png
 from clipvqd.diffusion import Schedule
 from clipvqd.errors import UserError
 from clipvqd.models import load_denoiser, load_vq
-from clipvqd.project import Project, slug
+from clipvqd.project import Project, plain_name, slug
 from clipvqd.sampling import sample as reverse_diffusion
 from clipvqd.stages.common import autocast, configured_clip, device_of
 
@@ -113,8 +113,8 @@ def run(config: Config, project: Project, prompt: str | None = None, prompts_fil
     prompts = read_prompts(prompt, prompts_file)
     if image is None and not prompts:
         raise UserError("nothing to sample: give a prompt, --prompts FILE or --image REF.png")
-    if sc.name and (Path(sc.name).name != sc.name or sc.name in (".", "..")):
-        raise UserError(f"sample.name = {sc.name!r} must be a plain folder name (it goes under samples/)")
+    if sc.name:
+        plain_name(sc.name, "sample.name")
     if image is not None and not Path(image).is_file():  # before minutes of model loading
         raise UserError(f"--image {image}: no such file")
     gen = Generator(config, project)
