@@ -14,6 +14,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -170,6 +171,22 @@ def _incomplete_tokens(root: Path) -> None:
     (root / "tokens" / "meta.json").write_text(json.dumps(meta))
 
 
+def _truncated_token_meta(root: Path) -> None:
+    write_fake_tokens(root)
+    (root / "tokens" / "meta.json").write_text('{"count": 4, "gri')
+
+
+def _token_meta_without_grid(root: Path) -> None:
+    write_fake_tokens(root)
+    meta = json.loads((root / "tokens" / "meta.json").read_text())
+    del meta["grid"]
+    (root / "tokens" / "meta.json").write_text(json.dumps(meta))
+
+
+def _latin1_prompts(root: Path) -> None:
+    (root / "prompts.txt").write_bytes("a caf\xe9 on a gray background\n".encode("latin-1"))
+
+
 def _tokens_of_another_grid(root: Path) -> None:
     write_fake_tokens(root, grid=16)
     meta = json.loads((root / "tokens" / "meta.json").read_text())
@@ -264,6 +281,10 @@ CASES = {
     "data.image_size changed after train-vq": (_vq, ["tokenize", "-s", "data.image_size=64"],
                                                ["32 px", "data.image_size = 64", "clipvqd train-vq"]),
     "incomplete tokens": (_incomplete_tokens, ["train-diffusion"], ["incomplete", "clipvqd tokenize"]),
+    "truncated tokens/meta.json": (_truncated_token_meta, ["train-diffusion"], ["tokens/meta.json", "clipvqd tokenize"]),
+    "edited tokens/meta.json": (_token_meta_without_grid, ["train-diffusion"], ["tokens/meta.json", "clipvqd tokenize"]),
+    "prompts file not UTF-8": (_latin1_prompts, ["sample", "--prompts", "prompts.txt"],
+                               ["--prompts prompts.txt", "not UTF-8"]),
     "diffusion model of another VQ": (_denoiser_of_another_vq, ["sample", "x"],
                                       ["another VQ", "clipvqd tokenize", "clipvqd train-diffusion"]),
     "diffusion model of another transformer": (_tokens, ["finetune-cfg", "-s", "transformer.width=64"],
@@ -437,3 +458,16 @@ def test_shipped_clip_against_a_model_trained_on_other_embeddings(tmp_path):
     _denoiser_and_vq(root)
     result = _invoke(root, ["sample", "a red circle"])
     assert_one_line_error(result, "shapes:tiny_clip.safetensors", "64 dimensions", "16-dimensional", "[clip]")
+
+
+def test_tokenize_remakes_a_damaged_meta_json(tmp_path):
+    root = tmp_path / "proj"
+    write_tiny_project(root)
+    write_vq(root / "clipvqd.toml")
+    write_fake_tokens(root)
+    (root / "tokens" / "meta.json").write_text('{"count": 4, "gri')
+    result = _invoke(root, ["tokenize"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((root / "tokens" / "meta.json").read_text())
+    assert meta["count"] == 64 and meta["grid"] == [8, 8]
+    assert np.load(root / "tokens" / "codes.npy").shape == (64, 64)

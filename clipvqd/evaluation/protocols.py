@@ -22,13 +22,18 @@ FFHQ_PREFIX = "a photograph of "
 REFERENCE_SEED_OFFSET = 1_000_003  # shapes reference renders: data.seed + this, never the training seed
 
 
-def _read_lines(path: Path, what: str) -> list[str]:
-    if not path.is_file():
-        raise UserError(f"{what}: no such file {path}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+def read_lines(path: Path, what: str) -> list[str]:
+    """The non-empty lines of a UTF-8 text file (prompts, captions), stripped; '#' starts a comment line."""
+    if not Path(path).is_file():
+        raise UserError(f"{what} {path}: no such file")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} {path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith("#")]
     if not lines:
-        raise UserError(f"{what}: {path} holds no lines")
+        raise UserError(f"{what} {path}: holds no lines (only blank and '#' lines)")
     return lines
 
 
@@ -43,11 +48,11 @@ def protocol_prompts(config: Config, project: Project) -> tuple[list[str], int]:
         return prompts, ec.samples_per_prompt
     if ec.protocol == "ffhq64":
         path = project.resolve(ec.prompts_file) if ec.prompts_file else FFHQ64_PROMPTS
-        lines = _read_lines(path, "eval.prompts_file")
+        lines = read_lines(path, "eval.prompts_file")
         return cap([line if line.startswith(FFHQ_PREFIX) else FFHQ_PREFIX + line for line in lines]), ec.samples_per_prompt
     if not ec.captions_file:
         raise UserError("the coco protocol needs eval.captions_file: a text file of captions, one a line")
-    captions = _read_lines(project.resolve(ec.captions_file), "eval.captions_file")
+    captions = read_lines(project.resolve(ec.captions_file), "eval.captions_file")
     g = torch.Generator().manual_seed(config.project.seed)
     if ec.caption_count <= len(captions):
         picks = torch.randperm(len(captions), generator=g)[:ec.caption_count]
@@ -64,7 +69,7 @@ def shapes_reference(config: Config, project: Project) -> Path:
     meta = {"seed": config.data.seed + REFERENCE_SEED_OFFSET, "count": config.eval.reference_count,
             "image_size": config.data.image_size}
     meta_file = folder / "meta.json"
-    if meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
+    if meta_file.is_file() and meta_file.read_text(errors="replace") == json.dumps(meta):
         return folder
     if folder.exists():
         shutil.rmtree(folder)

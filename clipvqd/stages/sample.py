@@ -23,6 +23,7 @@ from clipvqd.contact_sheet import contact_sheet
 from clipvqd.data import load_image_file, save_png
 from clipvqd.diffusion import Schedule
 from clipvqd.errors import UserError
+from clipvqd.evaluation.protocols import read_lines
 from clipvqd.models import load_denoiser, load_vq
 from clipvqd.project import Project, plain_name, slug
 from clipvqd.sampling import sample as reverse_diffusion
@@ -48,12 +49,7 @@ def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
             raise UserError("the prompt is empty: give some text, for example clipvqd sample \"a red circle\"")
         prompts.append(prompt.strip())
     if prompts_file is not None:
-        if not Path(prompts_file).is_file():
-            raise UserError(f"--prompts {prompts_file}: no such file")
-        lines = [line.strip() for line in Path(prompts_file).read_text().splitlines()]
-        prompts += [line for line in lines if line and not line.startswith("#")]
-        if not prompts:
-            raise UserError(f"--prompts {prompts_file}: the file holds no prompt")
+        prompts += read_lines(prompts_file, "--prompts")
     return prompts
 
 

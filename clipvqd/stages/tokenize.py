@@ -36,9 +36,21 @@ def provenance(config: Config, project: Project, clip_name: str) -> dict:
     }
 
 
+META_FIELDS = {"count": int, "grid": list, "codebook_size": int, "embed_dim": int, "vq_sha256": str, "clip": str}
+
+
 def read_meta(project: Project) -> dict | None:
+    """tokens/meta.json (None if there is none); a damaged or hand-edited one is a UserError."""
     path = project.tokens / "meta.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, OSError) as error:
+        raise UserError(f"tokens/meta.json cannot be read ({type(error).__name__}): rerun `clipvqd tokenize`") from None
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in META_FIELDS.items()):
+        raise UserError("tokens/meta.json is not what `clipvqd tokenize` writes: rerun `clipvqd tokenize`")
+    return meta
 
 
 def run(config: Config, project: Project) -> dict:
@@ -49,7 +61,10 @@ def run(config: Config, project: Project) -> dict:
                         f"{config.data.image_size}: restore data.image_size, or rerun `clipvqd train-vq` at the new size")
     clip = configured_clip(config, project, device)
     wanted = provenance(config, project, clip.name)
-    meta = read_meta(project)
+    try:
+        meta = read_meta(project)
+    except UserError:  # damaged: made again below
+        meta = None
     if meta is not None and all(meta.get(k) == v for k, v in wanted.items()):
         return {"tokens": str(project.tokens), "status": "up to date (same VQ, CLIP and data): nothing to do",
                 "images": meta["count"]}

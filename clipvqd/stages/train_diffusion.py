@@ -23,6 +23,7 @@ from clipvqd.diffusion import Schedule, TimestepSampler, vlb_loss
 from clipvqd.errors import UserError
 from clipvqd.models import denoiser_config
 from clipvqd.project import Project, StageDir
+from clipvqd.stages.tokenize import read_meta
 from clipvqd.transformer import Denoiser
 from clipvqd.training import (
     EMA, Checkpointer, RunLog, batch_indices, check_finite, lr_factor, make_accelerator, set_lr, shard,
@@ -51,8 +52,8 @@ class LoopSettings:
 def load_tokens(config: Config, project: Project) -> tuple[np.ndarray, np.ndarray, dict]:
     """codes (N, L) uint16 and embeddings (N, d) float16, checked against the config and the VQ."""
     folder = project.tokens
-    meta_path = project.require(folder / "meta.json", "tokens")
-    meta = json.loads(meta_path.read_text())
+    project.require(folder / "meta.json", "tokens")
+    meta = read_meta(project)
     if meta["codebook_size"] != config.vq.codebook_size:
         raise UserError(
             f"tokens/ hold codes of a {meta['codebook_size']}-entry codebook but vq.codebook_size = "
