@@ -24,6 +24,9 @@ import tomli
 from clipvqd.errors import UserError
 
 
+SEED_MAX = 2**62  # torch seeds are 64-bit; headroom for the offsets added to them (sample i: seed + i)
+
+
 def knob(default, help: str, *, ge=None, gt=None, le=None, lt=None):
     """A config field with its one-line help and optional numeric limits."""
     meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
@@ -34,7 +37,7 @@ def knob(default, help: str, *, ge=None, gt=None, le=None, lt=None):
 
 @dataclass(frozen=True)
 class ProjectConfig:
-    seed: int = knob(0, "master seed; every random draw derives from it", ge=0)
+    seed: int = knob(0, "master seed; every random draw derives from it", ge=0, le=SEED_MAX)
     device: Literal["auto", "cpu", "cuda"] = knob("auto", "where to run: auto picks cuda when available")
     mixed_precision: Literal["no", "bf16", "fp16"] = knob("no", "autocast precision for training and sampling")
     grad_accum: int = knob(1, "gradient accumulation steps", ge=1)
@@ -48,7 +51,7 @@ class DataConfig:
     path: str = knob("", "image folder or saved dataset (folder and hf sources)")
     image_size: int = knob(32, "training resolution in pixels (short side resized, centre-cropped)", ge=8)
     count: int = knob(5000, "number of generated training images (shapes source)", ge=1)
-    seed: int = knob(0, "seed of the generated training set (shapes source)", ge=0)
+    seed: int = knob(0, "seed of the generated training set (shapes source)", ge=0, le=SEED_MAX)
     hf_split: str = knob("train", "split to use when a saved dataset has several")
     hf_image_column: str = knob("image", "column holding the images (hf source)")
 
@@ -155,7 +158,7 @@ class SampleConfig:
     truncation: float = knob(0.9, "keep the most likely classes up to this cumulative probability", gt=0, le=1)
     n: int = knob(16, "samples per prompt", ge=1)
     batch_size: int = knob(16, "samples per denoiser forward", ge=1)
-    seed: int = knob(0, "seed of the first sample; sample i uses seed + i", ge=0)
+    seed: int = knob(0, "seed of the first sample; sample i uses seed + i", ge=0, le=SEED_MAX)
     model: Literal["auto", "cfg", "base"] = knob("auto", "auto = the guidance fine-tune if present, else the base model")
     name: str = knob("", "output folder under samples/ (default: made from the prompt)")
     rerank: bool = knob(False, "rerank the samples by CLIP score as they are written")

@@ -128,6 +128,9 @@ def write_project_file(directory: Path, example: str, force: bool = False) -> Pa
     path = directory / "clipvqd.toml"
     if path.exists() and not force:
         raise UserError(f"{path} already exists: pass --force to overwrite it")
-    directory.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
     return path

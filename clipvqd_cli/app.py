@@ -49,6 +49,18 @@ def _setup_logging() -> None:
     logger.propagate = False
 
 
+def error_line(exc: UserError) -> str:
+    """The error's message on one line, whatever it embeds (a library's multi-line text).
+
+    A UserError raised in a DataLoader worker comes back re-raised by torch as
+    "Caught UserError in DataLoader worker process N. Original Traceback ...";
+    only its last line, the original message, is for the user."""
+    lines = [part.strip() for part in str(exc).splitlines() if part.strip()]
+    if lines and lines[0].startswith("Caught UserError in DataLoader worker"):
+        return lines[-1].split("UserError: ", 1)[-1]
+    return " ".join(lines)
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn a UserError into one line on stderr and exit code 2."""
 
@@ -58,10 +70,8 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            # One line, whatever the message embeds (a library's multi-line text), and
-            # brackets such as [train_vq] or [/tmp] printed as written, not as rich markup.
-            line = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
-            err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+            # brackets such as [train_vq] or [/tmp] printed as written, not as rich markup
+            err.print(f"[bold red]error:[/] {escape(error_line(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted; rerun the same command to resume from the last checkpoint")

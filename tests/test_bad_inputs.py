@@ -23,10 +23,11 @@ from typer.testing import CliRunner
 from clipvqd import checkpoint
 from clipvqd.clip import build_model, save_tiny_clip
 from clipvqd.config import config_to_dict, load_config
+from clipvqd.errors import UserError
 from clipvqd.models import denoiser_config, vq_config
 from clipvqd.project import Project
 from clipvqd.vqgan import GumbelVQGAN
-from clipvqd_cli.app import app
+from clipvqd_cli.app import app, error_line
 from tiny_project import write_fake_tokens, write_tiny_project
 
 runner = CliRunner()
@@ -249,6 +250,8 @@ CASES = {
     "blank prompt": (_no_setup, ["sample", "   "], ["prompt is empty"]),
     "nothing to sample": (_no_setup, ["sample"], ["nothing to sample"]),
     "missing --image": (_no_setup, ["sample", "--image", "nothere.png"], ["--image nothere.png", "no such file"]),
+    "seed past 64 bits": (_no_setup, ["sample", "x", "--seed", str(2**64)], ["sample.seed", "out of range"]),
+    "init below a file": (_no_setup, ["init", "clipvqd.toml/sub"], ["cannot write", "clipvqd.toml/sub"]),
     "missing --prompts": (_no_setup, ["sample", "--prompts", "nothere.txt"], ["--prompts nothere.txt"]),
     "folder source without a path": (_no_setup, ["train-vq", "-s", "data.source=folder"], ["data.path"]),
     "image folder missing": (_no_setup, ["train-vq", "nowhere"], ["nowhere", "not found"]),
@@ -471,3 +474,20 @@ def test_tokenize_remakes_a_damaged_meta_json(tmp_path):
     meta = json.loads((root / "tokens" / "meta.json").read_text())
     assert meta["count"] == 64 and meta["grid"] == [8, 8]
     assert np.load(root / "tokens" / "codes.npy").shape == (64, 64)
+
+
+class _VanishedFile(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise UserError("images/a.png could no longer be read as an image")
+
+
+def test_a_user_error_from_a_dataloader_worker_keeps_its_own_message():
+    loader = torch.utils.data.DataLoader(_VanishedFile(), num_workers=1)
+    with pytest.raises(UserError) as info:
+        next(iter(loader))
+    assert "Original Traceback" in str(info.value)  # what torch hands back
+    assert error_line(info.value) == "images/a.png could no longer be read as an image"
+    assert error_line(UserError("two\nlines")) == "two lines"
