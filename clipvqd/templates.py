@@ -1,6 +1,7 @@
 """The example project files (`clipvqd init --example NAME`), written from one
 source: each example is a set of values over the defaults of clipvqd.config,
-and the file lists every key of every section with its one-line help.
+and the file lists every key of every section with its one-line help; and the
+one edit a command makes to a project file (`train-vq DIR` records DIR).
 
 ``examples/<name>/clipvqd.toml`` in the repository is exactly this output
 (a test holds them equal)."""
@@ -8,7 +9,10 @@ and the file lists every key of every section with its one-line help.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+import tomli
 
 from clipvqd.config import SECTIONS, apply_values, Config, config_to_dict, describe_fields
 from clipvqd.errors import UserError
@@ -134,3 +138,56 @@ def write_project_file(directory: Path, example: str, force: bool = False) -> Pa
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror or error}") from None
     return path
+
+
+def record_image_folder(project_file: Path, folder: Path) -> str | None:
+    """Make the project file read ``folder`` (``[data] source = "folder"``, ``path``), so that the stages
+    after `train-vq DIR` (tokenize) read the images the tokenizer was trained on.
+
+    Returns the path as written (relative to the project folder when inside it), or None when the file
+    already reads that folder. Only those two lines of the [data] table change (added if missing); every
+    other byte stays. A file this line edit cannot handle (keys written in another form) is a UserError
+    that says what to set by hand, and the file is left as it was.
+    """
+    from clipvqd import checkpoint
+
+    project_file = Path(project_file)
+    root, folder = project_file.resolve().parent, Path(folder).expanduser().resolve()
+    text = project_file.read_text(encoding="utf-8")
+    table = tomli.loads(text)
+    data = table.get("data", {})
+    current = data.get("path")
+    if data.get("source") == "folder" and current and (root / Path(current).expanduser()).resolve() == folder:
+        return None
+    value = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else str(folder)
+    value = value or "."
+    wanted = {**table, "data": {**data, "source": "folder", "path": value}}
+
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    new = {"source": f"source = {json.dumps('folder')}\n", "path": f"path = {json.dumps(value, ensure_ascii=False)}\n"}
+    header = next((i for i, line in enumerate(lines) if re.match(r"\s*\[\s*data\s*\]\s*(#.*)?$", line)), None)
+    if header is None:
+        lines += ["\n", "[data]\n", new["source"], new["path"]]
+    else:
+        end = next((i for i in range(header + 1, len(lines)) if re.match(r"\s*\[", lines[i])), len(lines))
+        for key in ("source", "path"):
+            at = next((i for i in range(header + 1, end) if re.match(rf"\s*{key}\s*=", lines[i])), None)
+            if at is None:
+                lines.insert(header + 1, new[key])
+                end += 1
+            else:
+                lines[at] = new[key]
+    edited = "".join(lines)
+    try:
+        ok = tomli.loads(edited) == wanted
+    except tomli.TOMLDecodeError:
+        ok = False
+    if not ok:
+        raise UserError(
+            f"{project_file}: cannot record the image folder in its [data] table (written in a form this edit "
+            f"does not handle); set source = \"folder\" and path = {json.dumps(value)} under [data] yourself"
+        )
+    checkpoint.atomic_write_text(project_file, edited)
+    return value

@@ -124,14 +124,15 @@ def init(
 @app.command("train-vq")
 @user_errors
 def train_vq(
-    images: Optional[Path] = typer.Argument(None, help="image folder (sets data.source=folder, data.path)"),
+    images: Optional[Path] = typer.Argument(
+        None, help="image folder: sets data.source = folder and data.path, and records them in the project file"),
     project: Path = ProjectOpt,
     set: Optional[List[str]] = SetOpt,
 ):
     """Train the Gumbel VQ-GAN tokenizer.  Example: clipvqd train-vq images/"""
     sugar = {"data.source": "folder", "data.path": str(images.resolve())} if images else {}
     config, proj = _load(project, set, sugar)
-    _summary("train-vq", _stage("train_vq").run(config, proj))
+    _summary("train-vq", _stage("train_vq").run(config, proj, record_in=project if images else None))
 
 
 @app.command()

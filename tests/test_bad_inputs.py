@@ -491,3 +491,19 @@ def test_a_user_error_from_a_dataloader_worker_keeps_its_own_message():
     assert "Original Traceback" in str(info.value)  # what torch hands back
     assert error_line(info.value) == "images/a.png could no longer be read as an image"
     assert error_line(UserError("two\nlines")) == "two lines"
+
+
+def test_train_vq_of_a_folder_records_it_so_tokenize_reads_the_same_images(tmp_path):
+    root = tmp_path / "proj"
+    write_tiny_project(root)  # data.source = "shapes", 64 images
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        Image.new("RGB", (40, 36), (40 * i, 200 - 30 * i, 90)).save(photos / f"{i}.png")
+    result = _invoke(root, ["train-vq", str(photos), "-s", "train_vq.steps=3"])
+    assert result.exit_code == 0, result.output
+    data = load_config(root / "clipvqd.toml").data
+    assert (data.source, Path(data.path)) == ("folder", photos)
+    result = _invoke(root, ["tokenize"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((root / "tokens" / "meta.json").read_text())["count"] == 6  # the photos, not 64 shapes

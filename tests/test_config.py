@@ -103,3 +103,42 @@ def test_missing_file_and_directory(tmp_path):
 def test_unknown_example(tmp_path):
     with pytest.raises(UserError, match="unknown example 'cats'"):
         write_project_file(tmp_path, "cats")
+
+
+# --------------------------------------------------------------------------- train-vq DIR records DIR
+
+
+@pytest.mark.parametrize("example", ["shapes", "ffhq"])
+def test_record_image_folder_changes_only_the_two_data_lines(tmp_path, example):
+    from clipvqd.templates import record_image_folder, write_project_file
+
+    path = write_project_file(tmp_path / "p", example)
+    before, old = path.read_text().splitlines(), config_to_dict(load_config(path))
+    assert record_image_folder(path, tmp_path / "p" / "images") == "images"
+    after = path.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b] + [(None, b) for b in after[len(before):]]
+    assert {b for _, b in changed} <= {'source = "folder"', 'path = "images"'} and len(after) - len(before) <= 2
+    config = load_config(path)
+    assert (config.data.source, config.data.path) == ("folder", "images")
+    old["data"].update(source="folder", path="images")
+    assert config_to_dict(config) == old  # nothing else moved
+    text = path.read_text()
+    assert record_image_folder(path, tmp_path / "p" / "images" / ".") is None  # already so: untouched
+    assert path.read_text() == text
+    elsewhere = tmp_path / "photos ü"
+    assert record_image_folder(path, elsewhere) == str(elsewhere)  # outside the project: absolute
+    assert load_config(path).data.path == str(elsewhere)
+
+
+def test_record_image_folder_adds_a_data_table_and_refuses_forms_it_cannot_edit(tmp_path):
+    from clipvqd.templates import record_image_folder
+
+    path = tmp_path / "clipvqd.toml"
+    path.write_text("[sample]\nn = 4")  # no [data], no final newline
+    record_image_folder(path, tmp_path / "imgs")
+    assert load_config(path).data.path == "imgs" and load_config(path).sample.n == 4
+    dotted = 'data.source = "shapes"\n'
+    path.write_text(dotted)
+    with pytest.raises(UserError, match='path = "imgs" under \\[data\\] yourself'):
+        record_image_folder(path, tmp_path / "imgs")
+    assert path.read_text() == dotted

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,6 +19,7 @@ from clipvqd.data import make_grid, open_images, save_png
 from clipvqd.models import vq_config
 from clipvqd.project import Project
 from clipvqd.stages.common import resolved_data
+from clipvqd.templates import record_image_folder
 from clipvqd.training import (
     EMA, Checkpointer, RunLog, StepBatches, check_finite, lr_factor, make_accelerator, set_lr, shard, step_generator,
 )
@@ -27,11 +29,16 @@ from clipvqd.vqgan_loss import VQLoss
 PREVIEW_COUNT = 8
 
 
-def run(config: Config, project: Project) -> dict:
+def run(config: Config, project: Project, record_in: Path | None = None) -> dict:
+    """Train (or resume, or find finished) the tokenizer. ``record_in``: the project file in which to
+    record data.path once the images have been opened (`clipvqd train-vq DIR`), so tokenize reads them too."""
     tc = config.train_vq
     acc = make_accelerator(config.project)
     torch.manual_seed(config.project.seed)  # weight init only; every later draw has its own generator
     images = open_images(resolved_data(config, project))
+    recorded = None
+    if record_in is not None and acc.is_main_process:
+        recorded = record_image_folder(record_in, project.resolve(config.data.path))
     model = GumbelVQGAN(vq_config(config))
     loss_fn = VQLoss(
         l1_weight=tc.l1_weight, l2_weight=tc.l2_weight, edge_weight=tc.edge_weight,
@@ -114,6 +121,7 @@ def run(config: Config, project: Project) -> dict:
     acc.wait_for_everyone()
     return {
         "model": str(stage.model),
+        **({"data.path": f"{recorded} (now in {Path(record_in).name}, for tokenize)"} if recorded else {}),
         "steps": f"{tc.steps} ({'already finished' if trained == 0 else f'{trained} this run'}"
                  + (f", resumed from step {start})" if start else ")"),
         **({"l1": terms["l1"], "l2": terms["l2"], "codebook usage (last batch)": terms["usage"],
