@@ -147,13 +147,24 @@ def extract(files: list[Path], extractor, batch_size: int = 64, logits: bool = F
     """Features (N, D) of image files (clean-fid "clean" resize), and the extractor's logits if asked."""
     if not files:
         raise UserError("no images to measure")
-    loader = torch.utils.data.DataLoader(ResizeDataset([str(f) for f in files], mode="clean"),
+    loader = torch.utils.data.DataLoader(_NamedResizeDataset([str(f) for f in files], mode="clean"),
                                          batch_size=batch_size, shuffle=False, num_workers=0)
     feats = []
     for batch in loader:
         feats.append(extractor(batch).detach().cpu().numpy())
     features = np.concatenate(feats)
     return features, (extractor.logits(features) if logits else None)
+
+
+class _NamedResizeDataset(ResizeDataset):
+    """clean-fid's dataset, with a file it cannot decode reported as a UserError naming the file."""
+
+    def __getitem__(self, i):
+        try:
+            return super().__getitem__(i)
+        except Exception as error:  # PIL's many ways to fail on a broken file
+            raise UserError(f"cannot read {self.files[i]} as an image ({type(error).__name__}): "
+                            "repair or remove it, then rerun") from None
 
 
 def _cache_key(folder: Path, files: list[Path], extractor_name: str) -> str:

@@ -84,6 +84,14 @@ def test_reference_statistics_cached_and_invalidated(tmp_path):
     assert other.calls == 2  # the extractor name is part of the key
 
 
+def test_a_broken_reference_image_is_named(tmp_path):
+    ref = _folder(tmp_path / "ref", 3, seed=3)
+    (ref / "001.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    with pytest.raises(UserError, match=r"cannot read .*001\.png as an image"):
+        fid.reference_statistics(ref, LinearExtractor(), tmp_path / "cache", batch_size=2)
+    assert not list(tmp_path.glob("cache/*"))  # no statistics cached from a partial folder
+
+
 def test_reference_needs_two_images(tmp_path):
     ref = _folder(tmp_path / "ref", 1, seed=3)
     with pytest.raises(UserError, match="at least 2"):
