@@ -331,7 +331,10 @@ def vlb_loss(
         aux_b = Σ_L -log p_θ(x0 | x_t)
         loss_b = (vlb_b + λ · ((1 - (t-1)/T) + 1) · aux_b) / pt_b
     The adaptive factor uses the reference code's 0-based step index t-1, so it
-    is 2 at t = 1 and 1 + 1/T at t = T.
+    is 2 at t = 1 and 1 + 1/T at t = T. The prediction is not clamped to
+    LOG_ZERO here (the reference clamps it first): a true class predicted below
+    e^-70 keeps its gradient instead of losing it at the floor. (Guidance does
+    clamp: :func:`clipvqd.sampling.guide`.)
 
     Returns a dict of scalars averaged over batch and positions:
         ``loss`` (to backpropagate), ``vlb``, ``aux`` (unweighted, no 1/pt),
