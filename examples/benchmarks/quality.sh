@@ -9,10 +9,9 @@
 # 12,000 diffusion steps (not 4,000); the denoiser stages (train-diffusion,
 # finetune-cfg, eval) in bf16 where the CPU computes it natively, as the demo
 # does (fp32 elsewhere: then the diffusion stage takes about 1.5x longer).
-# On this 2-core CPU (RESULTS.md): tokenizer 7 min, tokenize 1 min, diffusion
-# 53.5 min (3.74 steps/s; the recorded run trained two projects at once, one
-# thread each), fine-tune 2 min, then the evals and the alpha ablation.
-# (Its first run, with 4,000 diffusion steps in fp32, took 2 h 28 min of running.)
+# On this 2-core CPU (RESULTS.md, from a fresh clone): 1 h 40 min in all:
+# tokenizer 7.6 min, tokenize 1 min, diffusion 43.5 min (4.6 steps/s),
+# fine-tune 1.5 min, then the evals 23 min and the alpha ablation 24 min.
 #
 # Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
 # number lands in DIR/*/eval/*.json and *.md, a plot per ablation in
