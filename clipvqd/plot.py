@@ -47,9 +47,12 @@ def line_chart(series: dict[str, list[tuple[object, float]]], title: str = "", x
     """Draw one line per series of (x, y) points; returns an RGB image."""
     font = ImageFont.load_default()
     width, height = size
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
     left, right, top, bottom = 70, width - 180, 44, height - 50
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend = max((probe.textlength(name, font=font) for name in series), default=0.0)
+    width = max(width, right + 38 + math.ceil(legend) + 8)  # widen, never clip, the longest legend entry
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
 
     xs_all = [x for points in series.values() for x, _ in points]
     categorical = any(not isinstance(x, (int, float)) for x in xs_all)

@@ -252,6 +252,9 @@ def test_plot_helpers():
     assert (pixels == [255, 127, 14]).all(axis=-1).sum() > 10
     categorical = np.asarray(line_chart({"a": [("cfg", 0.5), ("base", 0.7)]}))
     assert (categorical == [31, 119, 180]).all(axis=-1).sum() > 20
+    assert pixels.shape == (440, 720, 3)  # short legends: the size asked for
+    long = np.asarray(line_chart({"judge in-distribution, all samples: all named": [(0, 0.3), (1, 0.5)]}))
+    assert long.shape[1] > 720 and (long[:, -6:] == 255).all()  # widened: the legend's end is not cut off
 
     def line_rows(image):  # rows holding the first series' colour, inside the frame (not the legend)
         rows, cols = (np.asarray(image)[:, :540] == [31, 119, 180]).all(axis=-1).nonzero()
