@@ -5,7 +5,7 @@ import torch
 
 from clipvqd.diffusion import Schedule, sample_categorical
 from clipvqd.errors import UserError
-from clipvqd.sampling import guide, sample, timestep_subset, truncate
+from clipvqd.sampling import guide, predict_x0, sample, timestep_subset, truncate
 from clipvqd.transformer import Denoiser, DenoiserConfig
 
 K, L, C = 7, 6, 4
@@ -54,14 +54,19 @@ def test_guide_scale_one_and_normalisation():
     assert torch.allclose(guide(c, u, 0.0), u, atol=1e-6)
 
 
-def test_guide_ignores_differences_below_log_zero():
+def test_guidance_ignores_differences_below_log_zero():
     # a class both halves rule out (conditional -100, unconditional -160 against the top's 0):
     # on the raw numbers u + 3 (c - u) would put it 20 nats ABOVE the top class
-    c = torch.tensor([[0.0, -100.0]]).log_softmax(1).view(1, 2, 1).double()
-    u = torch.tensor([[0.0, -160.0]]).log_softmax(1).view(1, 2, 1).double()
-    out = guide(c, u, 3.0)
-    assert out[0, :, 0].argmax() == 0
-    assert torch.allclose(out[0, :, 0], torch.tensor([0.0, -70.0], dtype=torch.float64), atol=1e-12)
+    c = torch.tensor([0.0, -100.0]).log_softmax(0)
+    u = torch.tensor([0.0, -160.0]).log_softmax(0)
+
+    def denoiser(tokens, t, cond):  # rows with cond 1 are conditional, 0 the null condition
+        return torch.where(cond[:, :1, None] > 0, c.view(1, 2, 1), u.view(1, 2, 1)).expand(-1, -1, tokens.shape[1]).clone()
+
+    out = predict_x0(denoiser, torch.zeros(1, 3, dtype=torch.long), torch.ones(1, dtype=torch.long),
+                     torch.ones(1, 1), guidance=3.0, null_cond=torch.zeros(1))
+    assert (out[0].argmax(0) == 0).all()
+    assert torch.allclose(out[0, :, 0], torch.tensor([0.0, -70.0]), atol=1e-6)
 
 
 @pytest.mark.parametrize("r", [0.01, 0.3, 0.5, 0.9, 0.99])
