@@ -333,8 +333,8 @@ def vlb_loss(
     The adaptive factor uses the reference code's 0-based step index t-1, so it
     is 2 at t = 1 and 1 + 1/T at t = T. The prediction is not clamped to
     LOG_ZERO here (the reference clamps it first): a true class predicted below
-    e^-70 keeps its gradient instead of losing it at the floor. (Guidance does
-    clamp: :func:`clipvqd.sampling.guide`.)
+    e^-70 keeps its gradient instead of losing it at the floor. (Sampling with
+    guidance does floor it: :func:`clipvqd.sampling.predict_x0`.)
 
     Returns a dict of scalars averaged over batch and positions:
         ``loss`` (to backpropagate), ``vlb``, ``aux`` (unweighted, no 1/pt),
