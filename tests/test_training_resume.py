@@ -118,3 +118,14 @@ def test_a_finished_denoiser_of_other_tokens_is_refused(tmp_path):
     rerun = _run(project, "train-diffusion")
     assert rerun.returncode == 2
     assert "trained on other tokens" in rerun.stderr and "delete" in rerun.stderr
+
+
+def test_a_finished_model_with_unreadable_provenance_is_refused_in_one_line(tmp_path):
+    from clipvqd import checkpoint
+    from clipvqd.errors import UserError
+    from clipvqd.stages.train_diffusion import _check_same_tokens
+
+    path = tmp_path / "diffusion" / "model.safetensors"
+    checkpoint.save_model(path, {"w": torch.zeros(1)}, "diffusion", {}, {"tokens": "{not json"})
+    with pytest.raises(UserError, match="trained on other tokens"):
+        _check_same_tokens(path, {"vq_sha256": "a" * 64, "clip": "shapes"})

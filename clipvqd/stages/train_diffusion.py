@@ -190,9 +190,12 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
 
 def _check_same_tokens(model_path: Path, tokens_meta: dict) -> None:
     """A finished model must have been trained on the tokens/ there now (tokenize may have run since)."""
-    trained_on = checkpoint.read_metadata(model_path).get("tokens")
     now = {k: tokens_meta[k] for k in ("vq_sha256", "clip")}
-    if trained_on is None or json.loads(trained_on) != now:
+    try:
+        trained_on = json.loads(checkpoint.read_metadata(model_path).get("tokens", "null"))
+    except json.JSONDecodeError:  # an edited file: its provenance is unknown, so it is not these tokens'
+        trained_on = None
+    if trained_on != now:
         raise UserError(f"{model_path} was trained on other tokens than tokens/ holds now (tokenize ran since): "
                         f"delete {model_path.parent} to train it again on them")
 
