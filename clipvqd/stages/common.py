@@ -1,5 +1,6 @@
-"""Small pieces several stages share: the device, the configured CLIP, the
-data section with its path resolved against the project folder."""
+"""Small pieces several stages share: the device, whether a CPU computes bf16
+natively, the configured CLIP, the data section with its path resolved
+against the project folder."""
 
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ def device_of(config: Config) -> torch.device:
     if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX tiles or AVX512-BF16).
+
+    Elsewhere bf16 autocast is emulated and slower than fp32."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def autocast(config: Config, device: torch.device):

@@ -15,7 +15,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -23,7 +22,7 @@ from clipvqd.config import Config, load_config
 from clipvqd.contact_sheet import contact_sheet
 from clipvqd.data import from_uint8
 from clipvqd.project import Project
-from clipvqd.stages.common import device_of
+from clipvqd.stages.common import device_of, native_cpu_bf16
 from clipvqd.templates import write_project_file
 
 # The demo evaluates this many prompts of each shapes prompt set.
@@ -44,14 +43,6 @@ DEMO_OVERRIDES = [
     "train_vq.steps=1000", "train_diffusion.steps=1800", "finetune_cfg.steps=150", "finetune_cfg.lr=0.0001",
     "sample.steps=25",
 ]
-
-
-def native_cpu_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX tiles or AVX512-BF16).
-
-    Elsewhere bf16 autocast is emulated and slower than fp32."""
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def denoiser_precision(config: Config) -> str:

@@ -10,6 +10,7 @@
 # (conv MLP as in the paper, and linear). Writes
 #   examples/benchmarks/SPEED_GPU.md    tables, headed by the GPU's name
 #   examples/benchmarks/speed_gpu.json  every number
+#   examples/benchmarks/speed_gpu.log   the same numbers line by line, as they are measured
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
@@ -23,16 +24,19 @@ command -v nvidia-smi >/dev/null || { echo "gpu.sh: nvidia-smi not found: this s
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 OUT=examples/benchmarks/SPEED_GPU.md
 JSON=examples/benchmarks/speed_gpu.json
+LOG=examples/benchmarks/speed_gpu.log
 TMP=$(mktemp)
 trap 'rm -f "$TMP"' EXIT
 started=$(date +%s)
 
 # 540 s hard limit for the benchmark itself, so the whole script stays under 10 minutes.
+# Every measurement is also printed as one JSON line as it finishes; the log keeps
+# them, so a run stopped by the limit still leaves what it measured.
 timeout 540 "$PY" -W ignore examples/benchmarks/speed.py --device cuda \
   --sizes tiny,small,paper --dtypes bf16,fp32 --guidance 1,3 --ours-steps 100,25 --repeats 3 \
   --tiny-steps 100 --small-steps 100 --paper-batch 4 --paper-steps 100 \
   --paper-train bf16:conv:32:20,bf16:linear:32:20 \
-  --out "$JSON" --markdown "$TMP"
+  --out "$JSON" --markdown "$TMP" | tee "$LOG"
 
 {
   echo "# Speed benchmark on a GPU: $GPU"

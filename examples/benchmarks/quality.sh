@@ -20,7 +20,7 @@ set -euo pipefail
 DIR=${1:-runs/quality}
 BUDGET=(--set data.count=20000 --set train_diffusion.steps=12000 --set finetune_cfg.steps=400)
 # bf16 for the denoiser where the CPU has it natively (the demo's rule), else fp32
-PREC=$(python -c "from clipvqd.stages.demo import native_cpu_bf16; print('bf16' if native_cpu_bf16() else 'no')")
+PREC=$(python -c "from clipvqd.stages.common import native_cpu_bf16; print('bf16' if native_cpu_bf16() else 'no')")
 EVAL=(--protocol shapes --set eval.fid=false --set eval.inception_score=false)
 mkdir -p "$DIR"
 [ -f "$DIR/base/clipvqd.toml" ] || clipvqd init "$DIR/base" --example shapes
