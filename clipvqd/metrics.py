@@ -86,7 +86,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def inception_score(logits: Any = None, splits: int = 10, *,
-                    probs: Any = None) -> tuple[float, float]:
+                    probs: Any = None, rng: np.random.Generator | None = None) -> tuple[float, float]:
     """Inception Score (mean, std over splits) of class predictions (N, C).
 
     Give either ``logits`` (softmax is applied here) or ``probs=`` (rows of
@@ -96,7 +96,12 @@ def inception_score(logits: Any = None, splits: int = 10, *,
     part's mean prediction. Returns the mean and the population standard
     deviation (ddof 0) of the per-part scores, the usual convention.
     IS lies in [1, C]: 1 when every prediction is the same, C when each is
-    one-hot and the classes are used equally."""
+    one-hot and the classes are used equally.
+
+    Each part must be a random sample of the images: rows grouped by prompt
+    would give each part only a few prompts' classes and a far too low score
+    (40 prompts x 16 one-hot samples: 4.0 in prompt order, 29.8 shuffled).
+    Pass ``rng`` to permute the rows with it first (torch-fidelity shuffles too)."""
     if (logits is None) == (probs is None):
         raise ValueError("give exactly one of logits or probs=")
     if probs is None:
@@ -113,6 +118,8 @@ def inception_score(logits: Any = None, splits: int = 10, *,
         with np.errstate(divide="ignore"):
             log_p = np.log(p)
     n = log_p.shape[0]
+    if rng is not None:
+        log_p = log_p[rng.permutation(n)]
     if not 1 <= splits <= n:
         raise ValueError(f"splits must be between 1 and the number of rows ({n}), got {splits}")
     per_split = []
@@ -155,13 +162,15 @@ def clip_score_cosine(img_emb: Any, txt_emb: Any) -> np.ndarray | float:
     return _cosine(img_emb, txt_emb)
 
 
-def clip_score_torchmetrics(img_emb: Any, txt_emb: Any) -> np.ndarray | float:
-    """CLIP score AS TORCHMETRICS REPORTS IT: max(100 * cosine, 0), in [0, 100].
+def clip_score_torchmetrics(cosines: Any) -> float:
+    """CLIP score AS TORCHMETRICS REPORTS IT, from the per-pair cosines
+    (:func:`clip_score_cosine`): max(100 * mean cosine, 0), in [0, 100].
 
-    Same pairing as ``clip_score_cosine``; torchmetrics' CLIPScore is the mean
-    of these per-pair values. Not comparable with the paper's numbers
-    (e.g. 0.330 there is 33.0 here)."""
-    cosine = _cosine(img_emb, txt_emb)
-    if isinstance(cosine, float):
-        return max(100.0 * cosine, 0.0)
-    return np.maximum(100.0 * cosine, 0.0)
+    torchmetrics' ``CLIPScore.compute`` clamps the mean, not each pair (its
+    docstring's per-pair formula notwithstanding): cosines 0.30 and -0.20 give
+    5.0, not 15.0. Not comparable with the paper's numbers (e.g. 0.330 there
+    is 33.0 here)."""
+    c = _float64(cosines).reshape(-1)
+    if c.size == 0:
+        raise ValueError("no cosines to average")
+    return max(100.0 * float(c.mean()), 0.0)

@@ -121,7 +121,7 @@ def test_clip_score_variants_match_a_direct_computation(tmp_path, clip_file):
     cos = (img * txt).sum(-1).numpy()
     assert result["CLIP score (cosine, paper), all samples"] == pytest.approx(cos.mean(), abs=1e-5)
     assert result["CLIP score (x100 clamped, torchmetrics), all samples"] == pytest.approx(
-        np.maximum(100 * cos, 0).mean(), abs=1e-3)
+        max(100 * cos.mean(), 0), abs=1e-3)  # torchmetrics clamps the mean, not each pair
     best = [cos[:4].max(), cos[4:].max()]
     assert result["CLIP score (cosine, paper), best of n"] == pytest.approx(np.mean(best), abs=1e-5)
 
@@ -142,11 +142,15 @@ def test_judge_metrics_best_of_n_uses_the_scores():
     assert judging.group_of({"shape": "circle"}) == "in-distribution"
 
 
-def test_shapes_fid_and_is_use_the_clip_and_say_so(tmp_path, clip_file):
+def test_shapes_fid_and_is_use_the_clip_and_say_so(tmp_path, clip_file, monkeypatch):
     project = Project(tmp_path)
     folder = _hand_made(tmp_path / "samples" / "mine")
     config = _config(clip_file, **{"eval.fid": True, "eval.inception_score": True, "eval.reference_count": 12})
+    seen = []
+    real_is = eval_stage.inception_score
+    monkeypatch.setattr(eval_stage, "inception_score", lambda *a, **k: seen.append(k) or real_is(*a, **k))
     first = eval_stage.run(config, project, samples_dir=folder)
+    assert seen and seen[0].get("rng") is not None  # rows come grouped by prompt: IS must shuffle them
     assert first["IS kind"].startswith("IS (tiny-CLIP zero-shot over 720 classes, not Inception)")
     assert "6 splits" in first["IS kind"]
     assert 1.0 <= first["IS"] <= 720
@@ -341,7 +345,33 @@ def test_generate_goes_through_the_sampling_code(tmp_path, clip_file, monkeypatc
     coco = _config(clip_file, **{"eval.protocol": "coco", "eval.captions_file": "caps.txt", "eval.caption_count": 2})
     eval_stage.generate(coco, project, "eval-coco")
     assert seen["n"] == 1
-    assert sorted(label.split(" ", 1)[0] for label in seen["labels"]) == ["#0", "#1"]  # numbered apart
+    assert sorted(seen["labels"]) == sorted((tmp_path / "caps.txt").read_text().splitlines())  # distinct: as they are
+    coco = coco.replace(**{"eval.caption_count": 5})  # more draws than captions: some caption repeats
+    eval_stage.generate(coco, project, "eval-coco")
+    assert sorted(label.split(" ", 1)[0] for label in seen["labels"]) == [f"#{i}" for i in range(5)]  # numbered apart
+
+
+def test_repeated_captions_stay_separate_prompts(tmp_path, clip_file):
+    """eval numbers a caption drawn twice ('#0 x', '#1 x'): two prompts of one sample each, scored against 'x'."""
+    project = Project(tmp_path)
+    red = ("circle", "red", "white", "large", "center")
+    folder = _write_samples(tmp_path / "samples" / "coco", [
+        ("#0 a red circle", A(*red), Jitter()),
+        ("#1 a red circle", A("square", "blue", "white", "large", "center"), Jitter()),
+        ("#2 a red square", A(*red), Jitter()),
+    ])
+    result = eval_stage.run(_config(clip_file), project, samples_dir=folder)
+    assert result["prompts"] == 3 and result["samples per prompt"] == 1
+    # best of 1 is every sample: the same judge numbers as all samples (merged, '#0'/'#1' would keep one)
+    m = json.loads((tmp_path / "eval" / "coco.json").read_text())["metrics"]
+    assert m["judge in-distribution, best of 1 by CLIP: images"] == 3
+    assert m["judge in-distribution, best of 1 by CLIP: all named"] == pytest.approx(1 / 3)
+    plain = _write_samples(tmp_path / "samples" / "plain", [
+        ("a red circle", A(*red), Jitter()), ("a red circle", A("square", "blue", "white", "large", "center"), Jitter()),
+        ("a red square", A(*red), Jitter())])
+    same = eval_stage.run(_config(clip_file), project, samples_dir=plain)
+    assert same["CLIP score (cosine, paper), all samples"] == pytest.approx(
+        result["CLIP score (cosine, paper), all samples"], abs=1e-6)  # the number is not part of the text
 
 
 @pytest.mark.slow
@@ -376,3 +406,49 @@ def test_max_prompts_spreads_through_the_set():
 
     shapes = {named["shape"] for _, named in _spread(in_distribution_prompts(), 6)}
     assert len(shapes) >= 3  # a short demo still sees several shapes
+
+
+def test_sample_file_names_keep_every_prompt_apart(tmp_path):
+    """Prompts alike in their first 40 characters (and a prompt given twice) must not overwrite each other's images."""
+    from clipvqd.stages.sample import file_stems, write_samples
+
+    class FakeGenerator:  # image i of a job is filled with the job's colour, its seed in one pixel
+        config = Config().replace(**{"sample.n": 2, "sample.batch_size": 3})
+        device, model_kind = torch.device("cpu"), "diffusion"
+
+        class clip:
+            @staticmethod
+            def embed_images(images):
+                return torch.ones(len(images), 3)
+
+        @staticmethod
+        def images(cond, seeds, steps, guidance, truncation):
+            out = cond[:, :, None, None].expand(-1, 3, 8, 8).clone()
+            out[:, 0, 0, 0] = torch.tensor(seeds, dtype=out.dtype) / 10
+            return out
+
+    long = "a long prompt that shares its first forty characters, "
+    jobs = [(long + "one", torch.tensor([-1.0, 0.0, 0.0])), (long + "two", torch.tensor([0.0, 1.0, 0.0])),
+            ("a red circle", torch.tensor([1.0, 0.0, 1.0])), ("a red circle", torch.tensor([1.0, 0.0, 1.0]))]
+    assert file_stems(["a red circle", "a blue square"]) == ["a-red-circle", "a-blue-square"]  # unchanged when unique
+    rows, sheets = write_samples(FakeGenerator(), jobs, tmp_path / "s", 1.0)
+    assert len(rows) == 8 and len({r["file"] for r in rows}) == 8 and len(sheets) == 4 == len(set(sheets))
+    for r in rows:
+        colour = dict(jobs)[r["prompt"]]
+        pixel = np.asarray(Image.open(tmp_path / "s" / r["file"]).convert("RGB"))[4, 4]
+        assert np.allclose(pixel, (colour.numpy() + 1) * 127.5, atol=1), r  # the image of its own prompt
+    index = [json.loads(line) for line in (tmp_path / "s" / "index.jsonl").read_text().splitlines()]
+    assert index == rows
+
+
+def test_rerank_scores_a_numbered_label_by_its_text(tmp_path, clip_file):
+    from clipvqd.stages import rerank
+
+    project = Project(tmp_path)
+    circle = A("circle", "red", "white", "large", "center")
+    numbered = _write_samples(tmp_path / "samples" / "numbered", [("#3 a red circle", circle, Jitter())])
+    plain = _write_samples(tmp_path / "samples" / "plain", [("a red circle", circle, Jitter())])
+    config = _config(clip_file)
+    a = rerank.run(config, project, numbered)["mean CLIP score, all samples"]
+    b = rerank.run(config, project, plain)["mean CLIP score, all samples"]
+    assert a == pytest.approx(b, abs=1e-6)

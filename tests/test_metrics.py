@@ -134,6 +134,19 @@ def test_inception_score_matches_a_direct_kl_computation():
     assert inception_score(probs=probs, splits=3)[0] == pytest.approx(mean, rel=1e-12)
 
 
+def test_inception_score_of_rows_grouped_by_prompt_needs_the_shuffle():
+    """40 prompts x 16 samples, each prompt's samples one-hot on its own class, rows in prompt order
+    (as eval's folders are): each of 10 consecutive parts sees 4 prompts, IS 4; shuffled, about 30."""
+    probs = np.eye(40)[np.repeat(np.arange(40), 16)]
+    assert inception_score(probs=probs, splits=10) == pytest.approx((4.0, 0.0), abs=1e-9)
+    order = np.random.default_rng(7).permutation(len(probs))
+    shuffled = inception_score(probs=probs, splits=10, rng=np.random.default_rng(7))
+    assert shuffled == inception_score(probs=probs[order], splits=10)  # exactly: the same permutation first
+    assert 25 < shuffled[0] < 40
+    assert inception_score(probs=probs, splits=1) == pytest.approx((40.0, 0.0))  # one part: order cannot matter
+    assert inception_score(probs=probs, splits=10, rng=np.random.default_rng(7)) == shuffled  # same seed, same score
+
+
 def test_inception_score_argument_checks():
     with pytest.raises(ValueError):
         inception_score()
@@ -156,13 +169,21 @@ def test_clip_score_cosine_on_hand_built_vectors():
     assert clip_score_cosine(np.array([0.6, 0.8]), np.array([1.0, 0.0])) == pytest.approx(0.6)
 
 
-def test_clip_score_torchmetrics_is_100_times_clamped_cosine():
-    img = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, 2.0]], dtype=torch.bfloat16)
-    txt = torch.tensor([[5.0, 0.0], [1.0, 0.0], [0.0, -1.0]])
-    got = clip_score_torchmetrics(img, txt)
-    np.testing.assert_allclose(got, [100.0, 100 / math.sqrt(2), 0.0], rtol=1e-12)
-    assert clip_score_torchmetrics([0.6, 0.8], [1.0, 0.0]) == pytest.approx(60.0)
-    assert clip_score_torchmetrics([0.6, 0.8], [-1.0, 0.0]) == 0.0
+def test_clip_score_torchmetrics_clamps_the_mean_as_torchmetrics_computes():
+    """torchmetrics' CLIPScore.compute: max(sum of 100 cos / n, 0); the mean is clamped, not each pair."""
+    def torchmetrics_compute(cosines):  # its update/compute, written out
+        score = sum(100 * c for c in cosines)
+        return max(score / len(cosines), 0.0)
+
+    for cosines in ([0.30, -0.20], [-0.05, -0.10, 0.02], [0.6], [-0.3], [0.25, 0.5, -0.9, 0.1]):
+        assert clip_score_torchmetrics(cosines) == pytest.approx(torchmetrics_compute(cosines), rel=1e-12, abs=1e-12)
+    assert clip_score_torchmetrics([0.30, -0.20]) == pytest.approx(5.0)  # per-pair clamping would give 15.0
+    assert clip_score_torchmetrics(torch.tensor([0.5, 0.25], dtype=torch.bfloat16)) == pytest.approx(37.5)
+    img = np.array([[3.0, 0.0], [1.0, 1.0]])
+    txt = np.array([[5.0, 0.0], [-1.0, 0.0]])
+    assert clip_score_torchmetrics(clip_score_cosine(img, txt)) == pytest.approx(100 * (1 - 1 / math.sqrt(2)) / 2)
+    with pytest.raises(ValueError):
+        clip_score_torchmetrics([])
 
 
 def test_clip_score_rejects_zero_vectors_and_shape_mismatch():

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,13 @@ from clipvqd.project import Project
 FFHQ64_PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "ffhq64.txt"
 FFHQ_PREFIX = "a photograph of "
 REFERENCE_SEED_OFFSET = 1_000_003  # shapes reference renders: data.seed + this, never the training seed
+NUMBER_PREFIX = re.compile(r"^#\d+ ")  # eval numbers its labels when prompts repeat or file names would collide
+
+
+def prompt_text(label: str) -> str:
+    """The prompt a sample's label stands for: without the '#i ' that eval numbers labels with
+    (so that repeated captions stay separate prompts); the number is not part of the text."""
+    return NUMBER_PREFIX.sub("", label)
 
 
 def read_lines(path: Path, what: str) -> list[str]:

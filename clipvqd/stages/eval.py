@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -36,14 +35,14 @@ from clipvqd.config import Config, config_to_dict
 from clipvqd.data import from_uint8, open_image_file
 from clipvqd.errors import UserError
 from clipvqd.evaluation import judging, sweep as sweeping
-from clipvqd.evaluation.protocols import protocol_prompts, shapes_reference
+from clipvqd.evaluation.protocols import prompt_text, protocol_prompts, shapes_reference
 from clipvqd.metrics import clip_score_cosine, clip_score_torchmetrics, feature_statistics, frechet_distance, inception_score
 from clipvqd.project import Project, plain_name, slug
 from clipvqd.stages.common import configured_clip, device_of
 from clipvqd.stages.rerank import read_index
 
 IS_SPLITS = 10
-NUMBER_PREFIX = re.compile(r"^#\d+ ")  # labels numbered to keep sample file names apart
+IS_SHUFFLE_SEED = 0  # the fixed order in which IS splits its rows
 HEADLINE = ("CLIP score (cosine, paper), best of n", "CLIP score (cosine, paper), all samples",
             "judge in-distribution, all samples: all named", "judge held-out, all samples: all named",
             "FID", "IS", "distinct images (share)")
@@ -61,7 +60,7 @@ def generate(config: Config, project: Project, folder: str) -> Path:
     gen = Generator(config, project)
     emb = gen.clip.embed_texts(prompts, config.clip.batch_size).float()
     labels = prompts
-    if len({slug(p, 40) for p in prompts}) < len(prompts):  # file names would collide: number the labels
+    if len(set(prompts)) < len(prompts):  # a caption drawn twice: number the labels to keep them two prompts
         labels = [f"#{i} {p}" for i, p in enumerate(prompts)]
     out = project.samples(folder)
     if out.exists():
@@ -109,24 +108,25 @@ def evaluate(config: Config, project: Project, samples_dir: Path, rows: list[dic
         raise UserError(f"{samples_dir}/index.jsonl lists no images")
     device = device_of(config)
     notes: list[str] = []
-    prompts = [NUMBER_PREFIX.sub("", r["prompt"]) for r in rows]
+    # a prompt is its label (eval numbers repeated captions apart); its text drops that number
+    prompts = [r["prompt"] for r in rows]
+    text_of = [prompt_text(p) for p in prompts]
     files = [samples_dir / r["file"] for r in rows]
     shapes = protocol == "shapes"
     clip = configured_clip(config, project, device)
-    texts = sorted({p for p in prompts if not p.startswith("image:")})
+    texts = sorted({p for p in text_of if not p.startswith("image:")})
     text_emb = dict(zip(texts, clip.embed_texts(texts, config.clip.batch_size).float().cpu())) if texts else {}
 
-    cosines, clamped, judged, hashes = [], [], [], []
+    cosines, judged, hashes = [], [], []
     for start in range(0, len(rows), ec.batch_size):
         pixels = [_load_pixels(f) for f in files[start:start + ec.batch_size]]
-        part = prompts[start:start + ec.batch_size]
+        part = text_of[start:start + ec.batch_size]
         if len({px.shape for px in pixels}) == 1:
             emb = clip.embed_images(from_uint8(np.stack(pixels)), config.clip.batch_size).float().cpu()
         else:  # a folder of mixed sizes: one image at a time
             emb = torch.cat([clip.embed_images(from_uint8(px[None])).float().cpu() for px in pixels])
         for p, e in zip(part, emb):
             cosines.append(float(clip_score_cosine(e, text_emb[p])) if p in text_emb else float("nan"))
-            clamped.append(float(clip_score_torchmetrics(e, text_emb[p])) if p in text_emb else float("nan"))
         hashes += [hashlib.sha1(px.tobytes()).hexdigest() for px in pixels]
         if shapes and ec.judge:
             from clipvqd.shapes.judge import judge
@@ -146,13 +146,13 @@ def evaluate(config: Config, project: Project, samples_dir: Path, rows: list[dic
         best_scored = [i for i in best if cosines[i] == cosines[i]]
         m["CLIP score (cosine, paper), all samples"] = float(np.mean([cosines[i] for i in scored]))
         m["CLIP score (cosine, paper), best of n"] = float(np.mean([cosines[i] for i in best_scored]))
-        m["CLIP score (x100 clamped, torchmetrics), all samples"] = float(np.mean([clamped[i] for i in scored]))
-        m["CLIP score (x100 clamped, torchmetrics), best of n"] = float(np.mean([clamped[i] for i in best_scored]))
+        m["CLIP score (x100 clamped, torchmetrics), all samples"] = clip_score_torchmetrics([cosines[i] for i in scored])
+        m["CLIP score (x100 clamped, torchmetrics), best of n"] = clip_score_torchmetrics([cosines[i] for i in best_scored])
         m["CLIP model"] = clip.name
     if shapes and ec.judge:
         from clipvqd.shapes.captions import parse_prompt
 
-        named = [parse_prompt(p) for p in prompts]
+        named = [parse_prompt(p) for p in text_of]
         m.update(judging.judge_metrics(prompts, named, judged, [c if c == c else -2.0 for c in cosines]))
         coverage = judging.open_attribute_coverage(prompts, named, judged)
         if coverage is not None:
@@ -187,7 +187,8 @@ def evaluate(config: Config, project: Project, samples_dir: Path, rows: list[dic
             m["FID reference images"] = count
         if want_is:
             splits = min(IS_SPLITS, len(logits))
-            m["IS"], m["IS std"] = inception_score(logits, splits=splits)
+            # rows come grouped by prompt: each split must be a random sample (see inception_score)
+            m["IS"], m["IS std"] = inception_score(logits, splits=splits, rng=np.random.default_rng(IS_SHUFFLE_SEED))
             m["IS kind"] = f"{extractor.is_label}, {splits} splits"
     return m, notes
 

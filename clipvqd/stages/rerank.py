@@ -17,6 +17,7 @@ from clipvqd import checkpoint
 from clipvqd.config import Config
 from clipvqd.data import open_image_file, pil_to_tensor, resize_center_crop
 from clipvqd.errors import UserError
+from clipvqd.evaluation.protocols import prompt_text
 from clipvqd.project import Project
 from clipvqd.stages.common import configured_clip, device_of
 
@@ -63,17 +64,19 @@ def run(config: Config, project: Project, samples_dir: Path) -> dict:
     rows = read_index(samples_dir)
     device = device_of(config)
     clip = configured_clip(config, project, device)
-    text_prompts = sorted({r["prompt"] for r in rows if not r["prompt"].startswith("image:")})
+    # a label eval numbered ('#3 a red circle') is scored against its text, not the number
+    text_prompts = sorted({prompt_text(r["prompt"]) for r in rows if not r["prompt"].startswith("image:")})
     text = dict(zip(text_prompts, clip.embed_texts(text_prompts).float())) if text_prompts else {}
     missing = [r for r in rows if not (samples_dir / r["file"]).is_file()]
     if missing:
         raise UserError(f"{samples_dir / missing[0]['file']} is listed in index.jsonl but missing; rerun `clipvqd sample`")
     rescored = []
     for r in rows:
-        if r["prompt"] in text:
+        words = prompt_text(r["prompt"])
+        if words in text:
             picture = open_image_file(samples_dir / r["file"])
             image = pil_to_tensor(resize_center_crop(picture, min(picture.size))).unsqueeze(0)
-            r = {**r, "clip_score": round(float((clip.embed_images(image).float()[0] * text[r["prompt"]]).sum()), 6)}
+            r = {**r, "clip_score": round(float((clip.embed_images(image).float()[0] * text[words]).sum()), 6)}
         rescored.append(r)
     out = keep_best(project, samples_dir, rescored, config.rerank.keep)
     prompts = len({r["prompt"] for r in rows})

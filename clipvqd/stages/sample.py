@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -146,28 +147,38 @@ def run(config: Config, project: Project, prompt: str | None = None, prompts_fil
     return result
 
 
+def file_stems(labels: list[str]) -> list[str]:
+    """One file-name stem per job: the label's slug, with the job's number added where two jobs
+    share a slug (two prompts alike in their first 40 characters, or one prompt given twice),
+    so that no job's images overwrite another's. A slug has no '_', so 'slug_j' is unique."""
+    stems = [slug(label, 40) for label in labels]
+    shared = {s for s, n in Counter(stems).items() if n > 1}
+    return [f"{s}_{j}" if s in shared else s for j, s in enumerate(stems)]
+
+
 def write_samples(gen: Generator, jobs: list[tuple[str, torch.Tensor]], out: Path, guidance: float):
     """Sample ``n`` images per job, write PNGs, index.jsonl and contact sheets; return (rows, sheet paths)."""
     sc = gen.config.sample
-    flat = [(label, cond, sc.seed + i) for label, cond in jobs for i in range(sc.n)]
+    stems = file_stems([label for label, _ in jobs])
+    flat = [(j, label, cond, sc.seed + i) for j, (label, cond) in enumerate(jobs) for i in range(sc.n)]
     rows, by_prompt = [], {}
     started = time.perf_counter()
     for b in range(0, len(flat), sc.batch_size):
         chunk = flat[b:b + sc.batch_size]
-        cond = torch.stack([c for _, c, _ in chunk]).to(gen.device)
-        images = gen.images(cond, [s for _, _, s in chunk], sc.steps, guidance, sc.truncation)
+        cond = torch.stack([c for _, _, c, _ in chunk]).to(gen.device)
+        images = gen.images(cond, [s for _, _, _, s in chunk], sc.steps, guidance, sc.truncation)
         scores = (gen.clip.embed_images(images).float() * F.normalize(cond.float(), dim=-1)).sum(-1)
-        for (label, _, seed), img, score in zip(chunk, images.cpu(), scores.tolist()):
-            file = f"images/{slug(label, 40)}-{seed:06d}.png"
+        for (j, label, _, seed), img, score in zip(chunk, images.cpu(), scores.tolist()):
+            file = f"images/{stems[j]}-{seed:06d}.png"
             save_png(img, out / file)
             rows.append({"file": file, "prompt": label, "seed": seed, "guidance": guidance,
                          "truncation": sc.truncation, "steps": sc.steps, "clip_score": round(score, 6),
                          "model": gen.model_kind})
-            by_prompt.setdefault(label, []).append(img)
+            by_prompt.setdefault((stems[j], label), []).append(img)
     elapsed = time.perf_counter() - started
     sheets = []
-    for label, imgs in by_prompt.items():
-        path = out / f"sheet-{slug(label, 40)}.png"
+    for (stem, label), imgs in by_prompt.items():
+        path = out / f"sheet-{stem}.png"
         contact_sheet([(label, torch.stack(imgs))], per_row=8).save(path)
         sheets.append(path)
     checkpoint.atomic_write_text(out / "index.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
