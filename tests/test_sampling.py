@@ -167,6 +167,27 @@ def test_guidance_batches_one_forward_per_step():
         run(RandomDenoiser(), 5, guidance=3.0)  # no null condition
 
 
+def test_guidance_pushes_away_from_the_null_condition_half():
+    """predict_x0 must guide with the conditional half as c and the null half as u: here the
+    condition favours class 0 (0.6 / 0.4) and the null condition class 1 (0.3 / 0.7), so scale 3
+    gives u + 3 (c - u) over the two classes, brute force in float64 (swapped halves favour class 1)."""
+    null = torch.zeros(C)
+
+    class TwoWay:
+        def __call__(self, tokens, t, cond):
+            is_null = (cond == 0).all(dim=1).view(-1, 1, 1)
+            p = torch.where(is_null, torch.tensor([0.3, 0.7]).view(1, 2, 1), torch.tensor([0.6, 0.4]).view(1, 2, 1))
+            return p.log().expand(tokens.shape[0], 2, tokens.shape[1]).clone()
+
+    x = torch.full((2, 3), 2)
+    out = predict_x0(TwoWay(), x, torch.tensor([5, 5]), torch.ones(2, C), guidance=3.0, null_cond=null)
+    c, u = torch.tensor([0.6, 0.4], dtype=torch.float64).log(), torch.tensor([0.3, 0.7], dtype=torch.float64).log()
+    g = u + 3 * (c - u)
+    expected = (g - g.logsumexp(0)).float()
+    assert torch.allclose(out, expected.view(1, 2, 1).expand(2, 2, 3), atol=1e-6)
+    assert expected[0] > expected[1]
+
+
 def test_delta_step_with_all_steps_equals_one_step_loop():
     T, B = 10, 3
     sch = Schedule(K, T)
