@@ -57,7 +57,11 @@ def step_generator(seed: int, step: int, rank: int = 0, salt: int = 0, device="c
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point parameters and buffers."""
+    """Exponential moving average of a model's floating-point parameters and buffers.
+
+    Made (and resumed) before ``accelerator.prepare`` moves the model to its
+    device, so each average follows its tensor there at the first update.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -67,6 +71,8 @@ class EMA:
     def update(self, model: torch.nn.Module) -> None:
         for k, v in model.state_dict().items():
             if k in self.shadow:
+                if self.shadow[k].device != v.device:
+                    self.shadow[k] = self.shadow[k].to(v.device)
                 self.shadow[k].lerp_(v.detach().float(), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
