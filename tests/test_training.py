@@ -1,10 +1,14 @@
-"""Pieces of the training loops: the weight EMA."""
+"""Pieces of the training loops: the weight EMA, the NaN check under gradient accumulation."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
+from clipvqd.errors import UserError
 from clipvqd.training import EMA
+from tiny_project import write_fake_tokens, write_tiny_project
 
 
 def test_ema_matches_the_recurrence_in_float64():
@@ -33,3 +37,51 @@ def test_ema_follows_the_model_to_its_device():
     model.to("meta")
     ema.update(model)
     assert {v.device.type for v in ema.shadow.values()} == {"meta"}
+
+
+@pytest.mark.parametrize("stage_name", ["train_diffusion", "train_vq"])
+def test_a_nan_in_an_early_micro_batch_stops_before_any_step_is_saved(tmp_path, monkeypatch, stage_name):
+    """grad_accum = 2: a NaN loss in micro-batch 0 of step 3 used to pass the check (only the last
+    micro-batch's loss was checked, computed before the poisoned update) and step 3's checkpoint
+    was saved with NaN weights, then named "the last good checkpoint"."""
+    from clipvqd.config import load_config
+    from clipvqd.project import Project
+    from clipvqd.stages import train_diffusion, train_vq
+
+    stage = {"train_diffusion": train_diffusion, "train_vq": train_vq}[stage_name]
+    calls = {"n": 0}
+    if stage_name == "train_diffusion":
+        real = train_diffusion.vlb_loss
+
+        def poisoned(*args, **kwargs):
+            out = real(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == 5:  # step 3 (index 2), micro-batch 0 of 2
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        monkeypatch.setattr(train_diffusion, "vlb_loss", poisoned)
+    else:
+        real = train_vq.VQLoss.generator_step
+
+        def poisoned(self, *args, **kwargs):
+            out = real(self, *args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == 5:
+                out["total"] = out["total"] * float("nan")
+            return out
+
+        monkeypatch.setattr(train_vq.VQLoss, "generator_step", poisoned)
+    path = write_tiny_project(tmp_path / "proj")
+    if stage_name == "train_diffusion":
+        write_fake_tokens(path.parent)
+    section = stage_name
+    config = load_config(path, ["project.grad_accum=2", f"{section}.steps=6", f"{section}.save_every=3"])
+    project = Project.from_file(path)
+    with pytest.raises(UserError, match="at step 3"):
+        stage.run(config, project)
+    root = tmp_path / "proj" / ("diffusion" if stage_name == "train_diffusion" else "vq")
+    saved = list((root / "checkpoints").glob("*.safetensors")) if (root / "checkpoints").exists() else []
+    for file in saved:
+        assert all(torch.isfinite(v).all() for v in load_file(str(file)).values() if v.is_floating_point()), file
+    assert not (root / "model.safetensors").exists()

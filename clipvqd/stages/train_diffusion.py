@@ -148,6 +148,8 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
                 with acc.autocast():
                     log_x0 = model(x_t, t, cond)
                 out = vlb_loss(log_x0.float(), x0, x_t, t, schedule, _aux_weight(config), pt)
+                if config.project.grad_accum > 1:  # a NaN micro-batch would poison the step the last one takes
+                    check_finite({"loss": float(out["loss"].detach())}, step + 1, s.stage.root)
                 acc.backward(out["loss"])
                 if acc.sync_gradients and td.grad_clip > 0:
                     acc.clip_grad_norm_(model.parameters(), td.grad_clip)

@@ -74,6 +74,7 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
     terms: dict[str, float] = {}
     started = time.perf_counter()
     last_layer = acc.unwrap_model(model).last_layer_weight
+    accumulating = config.project.grad_accum > 1
     for step in range(start, tc.steps):
         tau, hard = quantizer_schedule(step, tc.steps, config.vq.tau_start, config.vq.tau_end,
                                        config.vq.soft_fraction)
@@ -87,6 +88,8 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
                 with acc.autocast():
                     recon, info = model(x, tau, gen, hard=hard)
                     g_terms = loss_fn.generator_step(x, recon.float(), info["kl"].float(), step, last_layer())
+                if accumulating:  # a NaN micro-batch would poison the step the last one takes
+                    check_finite({"total": float(g_terms["total"].detach())}, step + 1, stage.root)
                 acc.backward(g_terms["total"])
                 opt_g.step()
                 opt_g.zero_grad(set_to_none=True)
@@ -94,6 +97,8 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
                 if loss_fn.gan_active(step):
                     with acc.autocast():
                         d_terms = loss_fn.discriminator_step(x, recon.float(), step)
+                    if accumulating:
+                        check_finite({"d_loss": float(d_terms["d_loss"].detach())}, step + 1, stage.root)
                     acc.backward(d_terms["d_loss"])
                     opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
