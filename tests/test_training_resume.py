@@ -23,21 +23,21 @@ from tiny_project import write_fake_tokens, write_tiny_project
 pytestmark = pytest.mark.slow
 
 
-def _cmd(project: Path, stage: str) -> list[str]:
-    return [sys.executable, "-m", "clipvqd_cli.app", stage, "--project", str(project)]
+def _cmd(project: Path, stage: str, *sets: str) -> list[str]:
+    return [sys.executable, "-m", "clipvqd_cli.app", stage, "--project", str(project), *(a for v in sets for a in ("-s", v))]
 
 
-def _run(project: Path, stage: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(project, stage), capture_output=True, text=True, timeout=300)
+def _run(project: Path, stage: str, *sets: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(project, stage, *sets), capture_output=True, text=True, timeout=300)
 
 
-def _run_with_kills(project: Path, stage: str, stage_dir: Path, kills: int, rng: random.Random) -> int:
+def _run_with_kills(project: Path, stage: str, stage_dir: Path, kills: int, rng: random.Random, *sets: str) -> int:
     """Start the stage, SIGKILL it once it has saved at least one new checkpoint
     (after a random extra delay), ``kills`` times; then let it finish."""
     done_kills = 0
     while done_kills < kills:
         before = latest_checkpoint(stage_dir / "checkpoints")
-        proc = subprocess.Popen(_cmd(project, stage), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(_cmd(project, stage, *sets), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
             now = latest_checkpoint(stage_dir / "checkpoints")
@@ -50,7 +50,7 @@ def _run_with_kills(project: Path, stage: str, stage_dir: Path, kills: int, rng:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         done_kills += 1
-    final = _run(project, stage)
+    final = _run(project, stage, *sets)
     assert final.returncode == 0, final.stderr
     return done_kills
 
@@ -63,6 +63,9 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 
 STAGE_DIRS = {"train-vq": "vq", "train-diffusion": "diffusion", "finetune-cfg": "diffusion-cfg"}
+# long enough (about 3 s of steps here) that a kill lands mid-run, not after the last step
+LONG_RUNS = {"train-vq": "train_vq.steps=48", "train-diffusion": "train_diffusion.steps=120",
+             "finetune-cfg": "finetune_cfg.steps=120"}
 
 
 @pytest.mark.parametrize("stage", ["train-diffusion", "finetune-cfg", "train-vq"])
@@ -76,11 +79,20 @@ def test_sigkill_and_rerun_matches_uninterrupted(tmp_path, stage):
     if stage == "finetune-cfg":  # both start from the same base model
         assert _run(straight, "train-diffusion").returncode == 0
         shutil.copytree(straight.parent / "diffusion", killed.parent / "diffusion")
-    sub = STAGE_DIRS[stage]
-    assert _run(straight, stage).returncode == 0
-    kills = _run_with_kills(killed, stage, killed.parent / sub, kills=2, rng=rng)
+    sub, steps = STAGE_DIRS[stage], LONG_RUNS[stage]
+    assert _run(straight, stage, steps).returncode == 0
+    kills = _run_with_kills(killed, stage, killed.parent / sub, 2, rng, steps)
     assert kills >= 1
+    events = [json.loads(line).get("event", "") for line in (killed.parent / sub / "log.jsonl").read_text().splitlines()]
+    resumed = [int(e.rsplit(" ", 1)[1]) for e in events if e.startswith("resumed at step")]
+    assert resumed and min(resumed) < int(steps.split("=")[1]), events  # resumed mid-run at least once
     _assert_same_weights(straight.parent / sub / "model.safetensors", killed.parent / sub / "model.safetensors")
+    # the whole final training state too: optimizer, EMA, and the timestep sampler's history (whose
+    # distribution stays uniform at this size, so the weights alone would not show it lost)
+    last_straight = latest_checkpoint(straight.parent / sub / "checkpoints")
+    last_killed = latest_checkpoint(killed.parent / sub / "checkpoints")
+    assert last_straight.name == last_killed.name
+    _assert_same_weights(last_straight, last_killed)
     log = (killed.parent / sub / "log.jsonl").read_text()
     assert "resumed at step" in log
     # every checkpoint left behind loads
