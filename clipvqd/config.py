@@ -95,6 +95,8 @@ class TrainVQConfig:
     edge_weight: float = knob(16.0, "weight of the squared error counted on the images' edges (the paper: 0)", ge=0)
     perceptual_weight: float = knob(0.0, "weight of the LPIPS-style VGG16 loss (needs perceptual_weights)", ge=0)
     perceptual_weights: str = knob("", "local VGG16 weights file for the perceptual loss")
+    lpips_weights: str = knob("", "local LPIPS v0.1 vgg.pth: its channel weights make the perceptual loss "
+                              "LPIPS (the paper); empty = all channels weighted 1")
     disc_start: int = knob(100000, "step at which the PatchGAN discriminator switches on", ge=0)
     disc_weight: float = knob(0.8, "base weight of the adaptive adversarial loss", ge=0)
     disc_channels: int = knob(64, "discriminator base channels", ge=1)

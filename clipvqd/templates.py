@@ -24,13 +24,15 @@ HEADERS = {
     ),
     "ffhq": (
         "FFHQ at 256 px with OpenAI's CLIP ViT-B/32: the paper's recipe (Section 5.5, Table 1).\n"
-        "Needs a GPU. Put the images in ffhq/images256 and a VGG16 weights file at vgg16.safetensors\n"
-        "(or set train_vq.perceptual_weight = 0). clip.pretrained = 'openai' downloads once;\n"
-        "offline, point it at a local file. Values marked (not in the paper) are our choices."
+        "Needs a GPU. Put the images in ffhq/images256, a VGG16 weights file at vgg16.safetensors and\n"
+        "LPIPS's weights/v0.1/vgg.pth at lpips_vgg.pth (or set train_vq.perceptual_weight = 0).\n"
+        "clip.pretrained = 'openai' downloads once; offline, point it at a local file.\n"
+        "Values marked (not in the paper) are our choices."
     ),
     "coco": (
         "MS-COCO 2014 at 256 px with OpenAI's CLIP ViT-B/32: the paper's recipe (Table 1, Table 2).\n"
         "Needs a GPU. Training uses the images only; the captions file serves evaluation.\n"
+        "The perceptual loss needs vgg16.safetensors and LPIPS's weights/v0.1/vgg.pth at lpips_vgg.pth.\n"
         "Values marked (not in the paper) are our choices."
     ),
 }
@@ -52,7 +54,8 @@ def _paper(path: str, steps_vq: int, alpha: float, guidance: float, truncation: 
         "train_vq": {
             "steps": steps_vq, "batch_size": 32, "lr": 4.5e-6, "scale_lr": True, "lr_final": 1.0, "disc_start": 25000,
             "l1_weight": 1.0, "l2_weight": 0.0, "edge_weight": 0.0,
-            "perceptual_weight": 1.0, "perceptual_weights": "vgg16.safetensors", "disc_weight": 0.8,
+            "perceptual_weight": 1.0, "perceptual_weights": "vgg16.safetensors",
+            "lpips_weights": "lpips_vgg.pth", "disc_weight": 0.8,
             "save_every": 5000, "preview_every": 5000, "log_every": 100,
         },
         "diffusion": {"aux_weight": 5e-4},

@@ -85,3 +85,28 @@ def test_a_nan_in_an_early_micro_batch_stops_before_any_step_is_saved(tmp_path, 
     for file in saved:
         assert all(torch.isfinite(v).all() for v in load_file(str(file)).values() if v.is_floating_point()), file
     assert not (root / "model.safetensors").exists()
+
+
+def test_train_vq_hands_the_lpips_file_to_the_perceptual_loss(tmp_path, monkeypatch):
+    """train_vq.lpips_weights (relative to the project) reaches VQLoss; before, it had no way in."""
+    from clipvqd.config import load_config
+    from clipvqd.project import Project
+    from clipvqd.stages import train_vq
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(train_vq, "VQLoss", capture)
+    path = write_tiny_project(tmp_path / "proj")
+    config = load_config(path, ["train_vq.perceptual_weight=1", "train_vq.perceptual_weights=vgg.safetensors",
+                                "train_vq.lpips_weights=lin.pth"])
+    with pytest.raises(Stop):
+        train_vq.run(config, Project.from_file(path))
+    assert seen["lpips_lin_weights"] == str(tmp_path / "proj" / "lin.pth")
+    assert seen["perceptual_weights"] == str(tmp_path / "proj" / "vgg.safetensors")

@@ -44,6 +44,7 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
         l1_weight=tc.l1_weight, l2_weight=tc.l2_weight, edge_weight=tc.edge_weight,
         perceptual_weight=tc.perceptual_weight,
         perceptual_weights=str(project.resolve(tc.perceptual_weights)) if tc.perceptual_weights else None,
+        lpips_lin_weights=str(project.resolve(tc.lpips_weights)) if tc.lpips_weights else None,
         disc_weight=tc.disc_weight, disc_start=tc.disc_start, disc_channels=tc.disc_channels,
     )
     global_batch = tc.batch_size * config.project.grad_accum * acc.num_processes
