@@ -28,7 +28,7 @@ from clipvqd.models import denoiser_config, vq_config
 from clipvqd.project import Project
 from clipvqd.vqgan import GumbelVQGAN
 from clipvqd_cli.app import app, error_line
-from tiny_project import write_fake_tokens, write_tiny_project
+from tiny_project import write_fake_tokens, write_tiny_project, write_vq
 
 runner = CliRunner()
 TOKEN_DIM = 16  # embedding width of write_fake_tokens' tokens
@@ -45,16 +45,6 @@ def _fresh_cli_logging():
 
 
 # --------------------------------------------------------------------------- artefact writers
-
-
-def write_vq(project_file: Path, **changes) -> Path:
-    """An untrained but valid vq/model.safetensors for the project (optionally another config)."""
-    config = load_config(project_file, [f"{k}={v}" for k, v in changes.items()])
-    torch.manual_seed(0)
-    model = GumbelVQGAN(vq_config(config))
-    path = Project.from_file(project_file).vq.model
-    checkpoint.save_model(path, model.state_dict(), "vq", model.cfg.to_dict())
-    return path
 
 
 def write_denoiser(project_file: Path, folder: str = "diffusion", vq_sha256: str | None = None,

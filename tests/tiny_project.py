@@ -78,3 +78,21 @@ def write_fake_tokens(folder: Path, count: int = 48, grid: int = 8, codebook: in
     meta = {"vq_sha256": vq_sha256, "clip": "fake", "data": {}, "count": count, "grid": [grid, grid],
             "codebook_size": codebook, "embed_dim": dim, "image_size": 32}
     (tokens / "meta.json").write_text(json.dumps(meta))
+
+
+def write_vq(project_file: Path, **changes) -> Path:
+    """An untrained but valid vq/model.safetensors for the project (optionally another config)."""
+    import torch
+
+    from clipvqd import checkpoint
+    from clipvqd.config import load_config
+    from clipvqd.models import vq_config
+    from clipvqd.project import Project
+    from clipvqd.vqgan import GumbelVQGAN
+
+    config = load_config(project_file, [f"{k}={v}" for k, v in changes.items()])
+    torch.manual_seed(0)
+    model = GumbelVQGAN(vq_config(config))
+    path = Project.from_file(project_file).vq.model
+    checkpoint.save_model(path, model.state_dict(), "vq", model.cfg.to_dict())
+    return path
