@@ -141,3 +141,21 @@ def test_a_finished_model_with_unreadable_provenance_is_refused_in_one_line(tmp_
     checkpoint.save_model(path, {"w": torch.zeros(1)}, "diffusion", {}, {"tokens": "{not json"})
     with pytest.raises(UserError, match="trained on other tokens"):
         _check_same_tokens(path, {"vq_sha256": "a" * 64, "clip": "shapes"})
+
+
+def test_a_finished_fine_tune_of_an_older_base_model_is_refused(tmp_path):
+    """train-diffusion ran again (here: more steps) after finetune-cfg finished: 'already finished'
+    would keep guiding the old base model without a word; the rerun must say so, and sample notes it."""
+    from clipvqd.project import Project
+    from clipvqd.stages.finetune_cfg import stale_base
+
+    project = write_tiny_project(tmp_path / "p")
+    write_fake_tokens(project.parent)
+    assert _run(project, "train-diffusion").returncode == 0
+    assert _run(project, "finetune-cfg").returncode == 0
+    assert not stale_base(Project.from_file(project))
+    assert _run(project, "train-diffusion", "train_diffusion.steps=15").returncode == 0  # resumes to 15 steps
+    rerun = _run(project, "finetune-cfg")
+    assert rerun.returncode == 2, rerun.stdout
+    assert "fine-tuned from another diffusion/model.safetensors" in rerun.stderr and "delete" in rerun.stderr
+    assert stale_base(Project.from_file(project))

@@ -1,10 +1,12 @@
 """`clipvqd finetune-cfg`: classifier-free guidance fine-tune. Starts from
 diffusion/model.safetensors and, with probability ``drop_prob`` per sample,
 replaces the condition by the learned null vector (normalised, see
-ALGORITHMS.md section 3). Writes diffusion-cfg/model.safetensors."""
+ALGORITHMS.md section 3). Writes diffusion-cfg/model.safetensors, which
+records the sha256 of the base model it started from."""
 
 from __future__ import annotations
 
+from clipvqd import checkpoint
 from clipvqd.config import Config
 from clipvqd.project import Project
 from clipvqd.stages.train_diffusion import LoopSettings, train
@@ -16,6 +18,15 @@ def run(config: Config, project: Project) -> dict:
     settings = LoopSettings(
         "finetune-cfg", project.diffusion_cfg, fc.steps, fc.batch_size, fc.lr, fc.scale_lr, fc.warmup_steps,
         fc.log_every, fc.save_every, drop_prob=fc.drop_prob, init_from=base,
-        extra_meta={"cfg_trained": True, "raw_null_at_inference": fc.raw_null_at_inference},
+        extra_meta={"cfg_trained": True, "raw_null_at_inference": fc.raw_null_at_inference,
+                    "base_sha256": checkpoint.file_sha256(base)},  # which base it guides: see stale_base
     )
     return train(config, project, settings)
+
+
+def stale_base(project: Project) -> bool:
+    """Whether diffusion-cfg/ was fine-tuned from another diffusion/model.safetensors than the one
+    there now (train-diffusion ran since). Files from before this record was kept count as current."""
+    recorded = checkpoint.read_metadata(project.diffusion_cfg.model).get("base_sha256")
+    base = project.diffusion.model
+    return recorded is not None and base.is_file() and recorded != checkpoint.file_sha256(base)

@@ -29,6 +29,7 @@ from clipvqd.models import load_denoiser, load_vq
 from clipvqd.project import Project, plain_name, slug
 from clipvqd.sampling import sample as reverse_diffusion
 from clipvqd.stages.common import autocast, configured_clip, device_of
+from clipvqd.stages.finetune_cfg import stale_base
 
 log = logging.getLogger("clipvqd")
 
@@ -117,6 +118,9 @@ def run(config: Config, project: Project, prompt: str | None = None, prompts_fil
     gen = Generator(config, project)
     guidance = gen.effective_guidance()
     notes = []
+    if gen.model_kind == "diffusion-cfg" and stale_base(project):
+        notes.append("diffusion-cfg was fine-tuned from an earlier diffusion/model.safetensors (train-diffusion "
+                     "ran since): delete diffusion-cfg/ and rerun `clipvqd finetune-cfg` to guide the new one")
     if gen.model_kind == "diffusion":
         notes.append("base model (no guidance fine-tune found; run `clipvqd finetune-cfg` for guidance)")
         if sc.guidance != 1.0:

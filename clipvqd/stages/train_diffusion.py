@@ -114,6 +114,7 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
     start = ckpt.resume(modules, {"opt": optimizer}, s.steps, f"{s.title.replace('-', '_')}.steps")
     if start == s.steps and s.stage.model.exists():
         _check_same_tokens(s.stage.model, meta)
+        _check_same_base(s.stage.model, s.extra_meta.get("base_sha256"))
     model, optimizer = acc.prepare(model, optimizer)
     if acc.is_main_process:
         s.stage.root.mkdir(parents=True, exist_ok=True)
@@ -200,6 +201,14 @@ def _check_same_tokens(model_path: Path, tokens_meta: dict) -> None:
     if trained_on != now:
         raise UserError(f"{model_path} was trained on other tokens than tokens/ holds now (tokenize ran since): "
                         f"delete {model_path.parent} to train it again on them")
+
+
+def _check_same_base(model_path: Path, base_sha256: str | None) -> None:
+    """A finished fine-tune must have started from the base model there now (train-diffusion may have run since)."""
+    recorded = checkpoint.read_metadata(model_path).get("base_sha256")
+    if base_sha256 is not None and recorded is not None and recorded != base_sha256:
+        raise UserError(f"{model_path} was fine-tuned from another diffusion/model.safetensors than the one there now "
+                        f"(train-diffusion ran since): delete {model_path.parent} to fine-tune the new one")
 
 
 def _schedule_args(config: Config) -> dict:
