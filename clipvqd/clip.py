@@ -176,8 +176,11 @@ def _load_tag(spec: _Spec, model: str) -> torch.nn.Module:
     if not any(_reachable(host, port) for host, port in hosts):
         raise UserError(f"cannot download open_clip weights {model}:{spec.tag} (no network); download them "
                         "elsewhere and set clip.pretrained to the local file (.safetensors)")
+    # A tag's weights were trained with its activation: OpenAI's ViT-B-32 with QuickGELU, which
+    # open_clip's "ViT-B-32" config lacks (it only warns and builds GELU, a different network).
+    quick_gelu = bool(open_clip.get_pretrained_cfg(model, spec.tag).get("quick_gelu", False))
     try:
-        return open_clip.create_model(model, pretrained=spec.tag)
+        return open_clip.create_model(model, pretrained=spec.tag, force_quick_gelu=quick_gelu)
     except Exception as error:  # download failures surface as assorted exception types
         raise UserError(f"downloading open_clip weights {model}:{spec.tag} failed ({error}); set "
                         "clip.pretrained to a local weights file instead") from error

@@ -58,7 +58,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ClipConfig:
-    model: str = knob("shapes", "'shapes' (the shipped tiny CLIP) or an open_clip architecture such as ViT-B-32")
+    model: str = knob("shapes", "'shapes' (the shipped tiny CLIP) or an open_clip architecture such as "
+                      "ViT-B-32-quickgelu (the one OpenAI's weights need)")
     pretrained: str = knob("", "local weights file, or an open_clip tag such as 'openai' (needs network)")
     batch_size: int = knob(64, "images or texts per CLIP forward", ge=1)
 

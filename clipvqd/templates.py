@@ -49,7 +49,7 @@ def _paper(path: str, steps_vq: int, alpha: float, guidance: float, truncation: 
     return {
         "project": {"mixed_precision": "bf16", "num_workers": 8},
         "data": {"source": "folder", "path": path, "image_size": 256},
-        "clip": {"model": "ViT-B-32", "pretrained": "openai", "batch_size": 256},
+        "clip": {"model": "ViT-B-32-quickgelu", "pretrained": "openai", "batch_size": 256},
         "vq": _PAPER_VQ,
         "train_vq": {
             "steps": steps_vq, "batch_size": 32, "lr": 4.5e-6, "scale_lr": True, "lr_final": 1.0, "disc_start": 25000,

@@ -119,3 +119,19 @@ def test_training_is_deterministic_given_the_seed():
         torch.set_num_threads(threads)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not torch.equal(first["visual.conv1.weight"], other["visual.conv1.weight"])
+
+
+@pytest.mark.parametrize("model, tag, quick", [("ViT-B-32", "openai", True), ("ViT-B-32", "laion2b_s34b_b79k", False)])
+def test_a_tag_builds_the_activation_its_weights_were_trained_with(monkeypatch, model, tag, quick):
+    """open_clip's ViT-B-32 config has GELU; OpenAI's weights need QuickGELU (open_clip only warns)."""
+    seen = {}
+
+    def capture(name, **kwargs):  # stands in for the download, which then "fails"
+        seen.update(kwargs)
+        raise OSError("no download in tests")
+
+    monkeypatch.setattr("clipvqd.clip._reachable", lambda host, port: True)
+    monkeypatch.setattr("clipvqd.clip.open_clip.create_model", capture)
+    with pytest.raises(UserError, match="no download in tests"):
+        load_clip(model, tag)
+    assert seen["pretrained"] == tag and seen["force_quick_gelu"] is quick
