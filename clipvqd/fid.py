@@ -168,9 +168,13 @@ class _NamedResizeDataset(ResizeDataset):
 
 
 def _cache_key(folder: Path, files: list[Path], extractor_name: str) -> str:
-    newest = max(os.stat(f).st_mtime_ns for f in files)
-    text = json.dumps([str(folder.resolve()), len(files), newest, extractor_name])
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
+    """Changes when any file is added, removed, renamed or rewritten: each file's name, size, mtime and
+    ctime count (ctime too, because cp -p, tar and rsync -t put back an older mtime on new content)."""
+    h = hashlib.sha256(json.dumps([str(folder.resolve()), extractor_name]).encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(json.dumps([str(Path(f).relative_to(folder)), st.st_size, st.st_mtime_ns, st.st_ctime_ns]).encode())
+    return h.hexdigest()[:20]
 
 
 def reference_statistics(folder: str | Path, extractor, cache_dir: str | Path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -82,6 +83,15 @@ def test_reference_statistics_cached_and_invalidated(tmp_path):
     other.name = "another-extractor"
     fid.reference_statistics(ref, other, tmp_path / "cache", batch_size=4)
     assert other.calls == 2  # the extractor name is part of the key
+    # one image replaced by other content with its old mtime put back (as cp -p, tar, rsync -t do)
+    old = os.stat(ref / "001.png")
+    _folder(tmp_path / "swap", 1, seed=11)
+    (tmp_path / "swap" / "000.png").replace(ref / "001.png")
+    os.utime(ref / "001.png", ns=(old.st_atime_ns, old.st_mtime_ns))
+    calls = extractor.calls
+    fourth = fid.reference_statistics(ref, extractor, tmp_path / "cache", batch_size=4)
+    assert extractor.calls > calls and fourth[2] == 7
+    assert not np.allclose(fourth[0], third[0])
 
 
 def test_a_broken_reference_image_is_named(tmp_path):
