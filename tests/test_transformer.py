@@ -113,3 +113,32 @@ def test_config_errors_and_independence_from_diffusion():
         tiny(dim=30, heads=4)
     imports = [line for line in inspect.getsource(transformer).splitlines() if line.startswith(("import", "from"))]
     assert imports and not any("diffusion" in line for line in imports)
+
+
+@pytest.mark.parametrize("r, c", [(0, 0), (2, 3), (4, 6), (1, 5)])
+def test_conv_mlp_sees_the_row_major_grid(r, c):
+    """Sequence index i is grid cell (i // w, i % w), as the position embeddings and the VQ's
+    flatten(1) have it: through two 3x3 convolutions a change at (r, c) reaches exactly the cells
+    within 2 rows and 2 columns of it on a 5 x 7 grid (read transposed, as (w, h), it would not)."""
+    torch.manual_seed(0)
+    h, w, D = 5, 7, 8
+    mlp = transformer.ConvMLP(D, 2, h, w).double()
+    x = torch.randn(1, h * w, D, dtype=torch.float64)
+    bumped = x.clone()
+    bumped[0, r * w + c] += 1.0
+    changed = (mlp(bumped) - mlp(x)).abs().amax(dim=-1)[0] > 1e-12
+    expected = torch.tensor([abs(i // w - r) <= 2 and abs(i % w - c) <= 2 for i in range(h * w)])
+    assert torch.equal(changed, expected)
+
+
+def test_modulate_is_layer_norm_times_one_plus_scale_plus_shift():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    scale, shift = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    normed = (x - mean) / torch.sqrt(var + 1e-5)
+    expected = normed * (1 + scale[:, None]) + shift[:, None]
+    got = transformer._modulate(x, torch.cat([scale, shift], dim=-1))
+    assert torch.allclose(got, expected, atol=1e-10)
+    zero = transformer._modulate(x, torch.zeros(2, 12, dtype=torch.float64))
+    assert torch.allclose(zero, normed, atol=1e-10)  # zero modulation leaves the layer norm as it is
