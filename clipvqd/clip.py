@@ -221,8 +221,14 @@ class Clip:
         self.embed_dim = int(model_cfg["embed_dim"])
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] images of any size -> the model's input: resized and normalised."""
+        """[-1, 1] images of any size -> the model's input: centre-cropped to a square (as open_clip's
+        transform does, not squeezed), resized and normalised."""
         x = (x.to(self.device, torch.float32) + 1.0) / 2.0
+        h, w = x.shape[-2:]
+        if h != w:
+            side = min(h, w)
+            top, left = (h - side) // 2, (w - side) // 2
+            x = x[..., top:top + side, left:left + side]
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
                               align_corners=False, antialias=True).clamp(0.0, 1.0)

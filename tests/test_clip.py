@@ -135,3 +135,13 @@ def test_a_tag_builds_the_activation_its_weights_were_trained_with(monkeypatch, 
     with pytest.raises(UserError, match="no download in tests"):
         load_clip(model, tag)
     assert seen["pretrained"] == tag and seen["force_quick_gelu"] is quick
+
+
+def test_a_wide_image_is_centre_cropped_not_squeezed(clip):
+    """open_clip's transform resizes the short side and crops the centre; squeezing would distort."""
+    g = torch.Generator().manual_seed(1)
+    square = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    wide = torch.cat([torch.rand(2, 3, 32, 8, generator=g), square, torch.rand(2, 3, 32, 8, generator=g)], dim=-1)
+    assert torch.equal(clip.preprocess(wide), clip.preprocess(square))
+    tall = wide.transpose(-1, -2)
+    assert torch.equal(clip.preprocess(tall), clip.preprocess(square.transpose(-1, -2)))
