@@ -39,7 +39,10 @@ def make_accelerator(project_cfg, find_unused_parameters: bool = False) -> Accel
         # the denoiser in bf16). accelerate keeps one precision per process and refuses a second, so
         # its precision state starts afresh here; the process group (PartialState) is kept.
         AcceleratorState._reset_state()
-    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
+    # broadcast_buffers=False: DDP would otherwise copy rank 0's buffers in place at every forward,
+    # and the discriminator (BatchNorm) runs twice (real, fake) before one backward, whose graph
+    # needs the first forward's running statistics unchanged. No other model has buffers.
+    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters, broadcast_buffers=False)]
     return Accelerator(
         cpu=project_cfg.device == "cpu",
         mixed_precision=project_cfg.mixed_precision,
@@ -91,6 +94,19 @@ class EMA:
         for k, v in model.state_dict().items():
             out[k] = self.shadow[k].to(v.dtype) if k in self.shadow else v
         return out
+
+
+def step_counts_on_cpu(*optimizers) -> None:
+    """Put Adam's per-parameter step counters back on the CPU after ``accelerator.prepare``.
+
+    accelerate moves a resumed optimizer's whole state to the device before loading it, the
+    step counters too; a non-capturable Adam then reads each one with ``.item()``: one device
+    synchronisation per parameter per step. (On a CPU this changes nothing.)"""
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            step = state.get("step")
+            if torch.is_tensor(step) and step.device.type != "cpu":
+                state["step"] = step.cpu()
 
 
 def lr_factor(step: int, warmup: int, total: int, final: float = 0.1) -> float:

@@ -271,15 +271,21 @@ def generator_adv_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                    base_weight: float = 1.0) -> torch.Tensor:
+                    base_weight: float = 1.0, loss_scale: float = 1.0) -> torch.Tensor:
     """||d nll / d W|| / (||d g / d W|| + 1e-4), clamped to [0, 1e4], times ``base_weight``.
 
     W is ``last_layer`` (the decoder's output conv weight). The graph is kept
-    for the later backward pass; the result is detached.
+    for the later backward pass; the result is detached. Under fp16 pass the
+    GradScaler's scale as ``loss_scale``: both gradients are taken of the
+    scaled losses (and the 1e-4 scaled too, so the value is the same), else the
+    reconstruction gradient, about 1 / (pixels in the batch), underflows fp16.
+    A scale too large overflows instead, as the GradScaler expects now and
+    then (it skips that step): a weight that is not finite counts as 0.
     """
-    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    w = nll_grad.norm() / (g_grad.norm() + 1e-4)
+    nll_grad = torch.autograd.grad(nll * loss_scale, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)[0]
+    w = nll_grad.float().norm() / (g_grad.float().norm() + 1e-4 * loss_scale)
+    w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
     return w.clamp(0.0, 1e4).detach() * base_weight
 
 
@@ -348,7 +354,7 @@ class VQLoss(nn.Module):
         return adopt_weight(step, self.disc_start, self.disc_factor) > 0
 
     def generator_step(self, inputs: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor, step: int,
-                       last_layer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       last_layer: torch.Tensor | None = None, loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
         """Loss terms for the VQ-GAN (generator) update; backprop ``["total"]``.
 
         ``kl`` is the model's already weighted KL term (``info["kl"]``).
@@ -374,7 +380,7 @@ class VQLoss(nn.Module):
             logits_fake = _frozen_forward(self.discriminator, recon.contiguous())
             g_loss = generator_adv_loss(logits_fake)
             if torch.is_grad_enabled() and nll.requires_grad:
-                d_weight = adaptive_weight(nll, g_loss, last_layer, self.disc_weight)
+                d_weight = adaptive_weight(nll, g_loss, last_layer, self.disc_weight, loss_scale)
             else:  # evaluation without gradients: no adaptive weight to measure
                 d_weight = zero + self.disc_weight
         else:

@@ -496,3 +496,26 @@ def test_group_norm_normalises_bf16_in_fp32_on_a_cpu(monkeypatch):
     xf = x.detach().float()
     assert torch.equal(norm(xf), torch.nn.GroupNorm.forward(norm, xf))
     assert set(norm.state_dict()) == {"weight", "bias"}
+
+
+def test_adaptive_weight_with_a_loss_scale_survives_fp16_underflow():
+    """Under fp16 the reconstruction gradient at the last layer (about 1 / pixels in the batch) can
+    fall below fp16's range; taken of the scaled loss (as the GradScaler scales it) it does not, and
+    the weight is the same as the exact one (the 1e-4 is scaled too)."""
+    from clipvqd.vqgan_loss import adaptive_weight
+
+    w = torch.ones(4, 4, dtype=torch.float16, requires_grad=True)
+    tiny = torch.tensor(1e-4, dtype=torch.float16)
+    # fp16 work, fp32 losses (as under autocast): d nll / d w = 1e-8, below fp16's smallest subnormal
+    nll = ((w * tiny).sum() * tiny).float()
+    g = (w * torch.tensor(0.5, dtype=torch.float16)).sum().float()  # d g / d w = 0.5
+    exact = (1e-8 * 4) / (0.5 * 4 + 1e-4)
+    assert adaptive_weight(nll, g, w).item() == 0.0  # underflowed
+    assert adaptive_weight(nll, g, w, loss_scale=2.0 ** 14).item() == pytest.approx(exact, rel=2e-3)
+    # a scale that overflows fp16 (the GradScaler skips such a step): 0, not NaN
+    assert adaptive_weight(nll, g, w, loss_scale=2.0 ** 17).item() == 0.0
+    # in float64 the scale changes nothing
+    w64 = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    nll64, g64 = (w64 ** 2).sum(), (w64 ** 3).sum()
+    assert adaptive_weight(nll64, g64, w64, loss_scale=1024.0).item() == pytest.approx(
+        adaptive_weight(nll64, g64, w64).item(), rel=1e-12)

@@ -4,7 +4,9 @@ token grid -> reverse diffusion -> VQ decode -> PNGs.
 samples/<name>/images/<prompt>-<seed>.png, index.jsonl (file, prompt, seed,
 guidance, truncation, steps, clip_score, model) and one contact sheet per
 prompt. Sample i of a prompt uses seed + i and its own generator, so every
-image can be reproduced alone from its recorded seed.
+image can be reproduced alone from its recorded seed (exactly on a CPU; on a
+GPU the matrix kernels chosen by batch size can change the last bits, and
+rarely a near-tied draw).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from clipvqd.stages.tokenize import read_meta
 from clipvqd.transformer import Denoiser
 from clipvqd.training import (
     EMA, Checkpointer, RunLog, batch_indices, check_finite, lr_factor, make_accelerator, set_lr, shard,
-    step_generator,
+    step_counts_on_cpu, step_generator,
 )
 
 
@@ -116,6 +116,7 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
         _check_same_tokens(s.stage.model, meta)
         _check_same_base(s.stage.model, s.extra_meta.get("base_sha256"))
     model, optimizer = acc.prepare(model, optimizer)
+    step_counts_on_cpu(optimizer)
     if acc.is_main_process:
         s.stage.root.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(s.stage.config, json.dumps(config_to_dict(config), indent=2))

@@ -21,7 +21,8 @@ from clipvqd.project import Project
 from clipvqd.stages.common import resolved_data
 from clipvqd.templates import record_image_folder
 from clipvqd.training import (
-    EMA, Checkpointer, RunLog, StepBatches, check_finite, lr_factor, make_accelerator, set_lr, shard, step_generator,
+    EMA, Checkpointer, RunLog, StepBatches, check_finite, lr_factor, make_accelerator, set_lr, shard,
+    step_counts_on_cpu, step_generator,
 )
 from clipvqd.vqgan import GumbelVQGAN, quantizer_schedule
 from clipvqd.vqgan_loss import VQLoss
@@ -58,6 +59,7 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
     modules = {"model": model, "disc": loss_fn.discriminator, **({"ema": ema} if ema else {})}
     start = ckpt.resume(modules, {"g": opt_g, "d": opt_d}, tc.steps, "train_vq.steps")
     model, disc, opt_g, opt_d = acc.prepare(model, loss_fn.discriminator, opt_g, opt_d)
+    step_counts_on_cpu(opt_g, opt_d)
     loss_fn.discriminator = disc
     if loss_fn.perceptual is not None:
         loss_fn.perceptual.to(acc.device)
@@ -88,7 +90,8 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
             with acc.accumulate(model, disc):
                 with acc.autocast():
                     recon, info = model(x, tau, gen, hard=hard)
-                    g_terms = loss_fn.generator_step(x, recon.float(), info["kl"].float(), step, last_layer())
+                    g_terms = loss_fn.generator_step(x, recon.float(), info["kl"].float(), step, last_layer(),
+                                                     loss_scale=acc.scaler.get_scale() if acc.scaler else 1.0)
                 if accumulating:  # a NaN micro-batch would poison the step the last one takes
                     check_finite({"total": float(g_terms["total"].detach())}, step + 1, stage.root)
                 acc.backward(g_terms["total"])
