@@ -47,6 +47,8 @@ def test_judge_accepts_float_tensors_and_blank_images():
     assert judge(to_tensor(image)) == attrs.as_dict()
     blank = np.full((32, 32, 3), BACKGROUNDS["white"], dtype=np.uint8)
     assert judge(blank) == {"shape": None, "colour": None, "background": "white", "size": None, "position": None}
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):  # 0-255 floats would be read as near-white
+        judge(image.astype(np.float32))
 
 
 def test_unit_areas_are_exact():

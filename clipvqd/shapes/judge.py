@@ -128,7 +128,8 @@ def _match_shape(alpha: np.ndarray, cx: float, cy: float, area_px: float) -> str
     """Best soft-IoU shape for the mask `alpha` (H, W), centroid (cx, cy) and area in pixels."""
     h, w = alpha.shape
     best_shape, best_iou = SHAPES[0], -1.0
-    # a window around the centroid that holds every candidate (the star has the largest circumradius)
+    # a window around the centroid that holds every candidate (sized for the smallest unit area: the
+    # largest circumradius at this area)
     reach = math.sqrt(area_px / min(unit_area(s) for s in SHAPES)) + 3
     y0, y1 = max(0, int(cy - reach)), min(h, int(math.ceil(cy + reach)) + 1)
     x0, x1 = max(0, int(cx - reach)), min(w, int(math.ceil(cx + reach)) + 1)
@@ -159,6 +160,8 @@ def _as_uint8(image) -> np.ndarray:
     if image.dtype != np.uint8:
         if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
             image = image.transpose(1, 2, 0)
+        if image.size and (np.nanmin(image) < -1.01 or np.nanmax(image) > 1.01):
+            raise ValueError("a float image must hold values in [-1, 1] (convert 0-255 pixels to uint8)")
         image = np.clip(np.round((image.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an image (H, W, 3), got shape {image.shape}")
