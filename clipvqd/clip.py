@@ -135,7 +135,7 @@ def _resolve(model: str, pretrained: str) -> _Spec:
     model_cfg = open_clip.get_model_config(model)
     if model_cfg is None:
         raise UserError(f"unknown clip.model {model!r}: use 'shapes' or an open_clip architecture name such as "
-                        "'ViT-B-32' (see open_clip.list_models())")
+                        "'ViT-B-32-quickgelu' (OpenAI's weights; see open_clip.list_models())")
     if not pretrained:
         raise UserError(f"clip.pretrained is empty for clip.model {model!r}: point it at a local weights file "
                         "(.safetensors) or an open_clip tag such as 'openai'")

@@ -87,7 +87,7 @@ EXAMPLES: dict[str, dict] = {
     ),
 }
 
-# Keys whose example values are not stated in the paper or ALGORITHMS.md.
+# Keys whose example values the paper does not state (marked '(not in the paper)' in the files).
 NOT_IN_PAPER = {
     "train_vq.steps": "100 epochs at batch 32", "train_diffusion.steps": None, "train_diffusion.batch_size": None,
     "train_diffusion.ema_decay": None, "train_diffusion.warmup_steps": None, "train_diffusion.grad_clip": None,
@@ -143,14 +143,16 @@ def write_project_file(directory: Path, example: str, force: bool = False) -> Pa
     return path
 
 
-def record_image_folder(project_file: Path, folder: Path) -> str | None:
+def record_image_folder(project_file: Path, folder: Path) -> tuple[str, bool] | None:
     """Make the project file read ``folder`` (``[data] source = "folder"``, ``path``), so that the stages
     after `train-vq DIR` (tokenize) read the images the tokenizer was trained on.
 
-    Returns the path as written (relative to the project folder when inside it), or None when the file
-    already reads that folder. Only those two lines of the [data] table change (added if missing); every
-    other byte stays. A file this line edit cannot handle (keys written in another form) is a UserError
-    that says what to set by hand, and the file is left as it was.
+    ``[eval] reference_path`` follows when it named the same folder as ``data.path`` did (the paper
+    examples' FID against the training images). Returns (the path as written, relative to the project
+    folder when inside it; whether reference_path followed), or None when the file already reads that
+    folder. Only those lines change (added if missing); every other byte stays. A file this line edit
+    cannot handle (keys written in another form) is a UserError that says what to set by hand, and the
+    file is left as it was.
     """
     from clipvqd import checkpoint
 
@@ -158,39 +160,54 @@ def record_image_folder(project_file: Path, folder: Path) -> str | None:
     root, folder = project_file.resolve().parent, Path(folder).expanduser().resolve()
     text = project_file.read_text(encoding="utf-8")
     table = tomli.loads(text)
-    data = table.get("data", {})
+    data, evaluation = table.get("data", {}), table.get("eval", {})
     current = data.get("path")
-    if data.get("source") == "folder" and current and (root / Path(current).expanduser()).resolve() == folder:
+    if data.get("source") == "folder" and current and _resolved(root, current) == folder:
         return None
     value = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else str(folder)
     value = value or "."
+    follow = bool(data.get("source") == "folder" and current and evaluation.get("reference_path")
+                  and _resolved(root, evaluation["reference_path"]) == _resolved(root, current))
     wanted = {**table, "data": {**data, "source": "folder", "path": value}}
-
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += "\n"
-    new = {"source": f"source = {json.dumps('folder')}\n", "path": f"path = {json.dumps(value, ensure_ascii=False)}\n"}
-    header = next((i for i, line in enumerate(lines) if re.match(r"\s*\[\s*data\s*\]\s*(#.*)?$", line)), None)
-    if header is None:
-        lines += ["\n", "[data]\n", new["source"], new["path"]]
-    else:
-        end = next((i for i in range(header + 1, len(lines)) if re.match(r"\s*\[", lines[i])), len(lines))
-        for key in ("source", "path"):
-            at = next((i for i in range(header + 1, end) if re.match(rf"\s*{key}\s*=", lines[i])), None)
-            if at is None:
-                lines.insert(header + 1, new[key])
-                end += 1
-            else:
-                lines[at] = new[key]
+    _set_in_table(lines, "data", {"source": "folder", "path": value})
+    if follow:
+        wanted["eval"] = {**evaluation, "reference_path": value}
+        _set_in_table(lines, "eval", {"reference_path": value})
     edited = "".join(lines)
     try:
         ok = tomli.loads(edited) == wanted
     except tomli.TOMLDecodeError:
         ok = False
     if not ok:
+        also = f" (and reference_path = {json.dumps(value)} under [eval])" if follow else ""
         raise UserError(
             f"{project_file}: cannot record the image folder in its [data] table (written in a form this edit "
-            f"does not handle); set source = \"folder\" and path = {json.dumps(value)} under [data] yourself"
+            f"does not handle); set source = \"folder\" and path = {json.dumps(value)} under [data]{also} yourself"
         )
     checkpoint.atomic_write_text(project_file, edited)
-    return value
+    return value, follow
+
+
+def _resolved(root: Path, path: str) -> Path:
+    return (root / Path(path).expanduser()).resolve()
+
+
+def _set_in_table(lines: list[str], name: str, values: dict[str, str]) -> None:
+    """Set ``key = "value"`` lines in the ``[name]`` table of a TOML file's lines, in place: a line that
+    sets the key is replaced, a missing key goes first in the table, a missing table at the end."""
+    new = {key: f"{key} = {json.dumps(v, ensure_ascii=False)}\n" for key, v in values.items()}
+    header = next((i for i, line in enumerate(lines) if re.match(rf"\s*\[\s*{name}\s*\]\s*(#.*)?$", line)), None)
+    if header is None:
+        lines += ["\n", f"[{name}]\n", *new.values()]
+        return
+    end = next((i for i in range(header + 1, len(lines)) if re.match(r"\s*\[", lines[i])), len(lines))
+    for key, line in new.items():
+        at = next((i for i in range(header + 1, end) if re.match(rf"\s*{key}\s*=", lines[i])), None)
+        if at is None:
+            lines.insert(header + 1, line)
+            end += 1
+        else:
+            lines[at] = line

@@ -1,6 +1,6 @@
 """The Gumbel VQ-GAN tokenizer: images <-> grids of discrete codes.
 
-Pipeline (ALGORITHMS.md section 4)::
+Pipeline (the paper's tokenizer: taming-transformers' Gumbel VQ-GAN)::
 
     image (B,3,H,W) -> Encoder -> (B,C,h,w) -> 1x1 conv -> logits (B,K,h,w)
       -> Gumbel-softmax, hard, straight-through, temperature tau -> one-hot y

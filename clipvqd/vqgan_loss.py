@@ -1,4 +1,4 @@
-"""Losses for training the Gumbel VQ-GAN (ALGORITHMS.md section 4).
+"""Losses for training the Gumbel VQ-GAN (as taming-transformers' VQLPIPSWithDiscriminator).
 
 Generator step::
 

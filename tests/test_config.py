@@ -108,26 +108,32 @@ def test_unknown_example(tmp_path):
 # --------------------------------------------------------------------------- train-vq DIR records DIR
 
 
-@pytest.mark.parametrize("example", ["shapes", "ffhq"])
-def test_record_image_folder_changes_only_the_two_data_lines(tmp_path, example):
+@pytest.mark.parametrize("example", ["shapes", "ffhq", "coco"])
+def test_record_image_folder_changes_only_the_data_lines_and_a_reference_that_named_them(tmp_path, example):
+    """ffhq's FID reference is its training folder, so it follows; coco's (val2014) and shapes' (none) stay."""
     from clipvqd.templates import record_image_folder, write_project_file
 
     path = write_project_file(tmp_path / "p", example)
     before, old = path.read_text().splitlines(), config_to_dict(load_config(path))
-    assert record_image_folder(path, tmp_path / "p" / "images") == "images"
+    follows = example == "ffhq"
+    assert record_image_folder(path, tmp_path / "p" / "images") == ("images", follows)
     after = path.read_text().splitlines()
     changed = [(a, b) for a, b in zip(before, after) if a != b] + [(None, b) for b in after[len(before):]]
-    assert {b for _, b in changed} <= {'source = "folder"', 'path = "images"'} and len(after) - len(before) <= 2
+    allowed = {'source = "folder"', 'path = "images"'} | ({'reference_path = "images"'} if follows else set())
+    assert {b for _, b in changed} <= allowed and len(after) - len(before) <= 2
     config = load_config(path)
     assert (config.data.source, config.data.path) == ("folder", "images")
     old["data"].update(source="folder", path="images")
+    if follows:
+        old["eval"].update(reference_path="images")
     assert config_to_dict(config) == old  # nothing else moved
     text = path.read_text()
     assert record_image_folder(path, tmp_path / "p" / "images" / ".") is None  # already so: untouched
     assert path.read_text() == text
     elsewhere = tmp_path / "photos ü"
-    assert record_image_folder(path, elsewhere) == str(elsewhere)  # outside the project: absolute
+    assert record_image_folder(path, elsewhere) == (str(elsewhere), follows)  # outside the project: absolute
     assert load_config(path).data.path == str(elsewhere)
+    assert (load_config(path).eval.reference_path == str(elsewhere)) == follows
 
 
 def test_record_image_folder_adds_a_data_table_and_refuses_forms_it_cannot_edit(tmp_path):

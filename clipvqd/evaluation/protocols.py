@@ -21,7 +21,7 @@ from clipvqd.project import Project
 FFHQ64_PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "ffhq64.txt"
 FFHQ_PREFIX = "a photograph of "
 REFERENCE_SEED_OFFSET = 1_000_003  # shapes reference renders: data.seed + this, never the training seed
-NUMBER_PREFIX = re.compile(r"^#\d+ ")  # eval numbers its labels when prompts repeat or file names would collide
+NUMBER_PREFIX = re.compile(r"^#\d+ ")  # eval numbers its labels when a prompt repeats (a caption drawn twice)
 
 
 def prompt_text(label: str) -> str:

@@ -1,7 +1,8 @@
 """`clipvqd finetune-cfg`: classifier-free guidance fine-tune. Starts from
 diffusion/model.safetensors and, with probability ``drop_prob`` per sample,
-replaces the condition by the learned null vector (normalised, see
-ALGORITHMS.md section 3). Writes diffusion-cfg/model.safetensors, which
+replaces the condition by the learned null vector, L2-normalised like a CLIP
+embedding (our choice: the released code used the raw vector at inference;
+finetune_cfg.raw_null_at_inference keeps that). Writes diffusion-cfg/model.safetensors, which
 records the sha256 of the base model it started from."""
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """`clipvqd sample`: text (or a reference image) -> CLIP embedding -> all-mask
 token grid -> reverse diffusion -> VQ decode -> PNGs.
 
-samples/<name>/images/<prompt>-<seed>.png, index.jsonl (file, prompt, seed,
-guidance, truncation, steps, clip_score, model) and one contact sheet per
-prompt. Sample i of a prompt uses seed + i and its own generator, so every
+samples/<name>/images/<stem>-<seed>.png (the stem: the prompt's slug, at most
+40 characters, with _<n> added where two prompts share one), index.jsonl (file,
+prompt, seed, guidance, truncation, steps, clip_score, model) and one contact
+sheet per prompt, sheet-<stem>.png. Sample i of a prompt uses seed + i and its own generator, so every
 image can be reproduced alone from its recorded seed (exactly on a CPU; on a
 GPU the matrix kernels chosen by batch size can change the last bits, and
 rarely a near-tied draw).

@@ -130,7 +130,8 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
     acc.wait_for_everyone()
     return {
         "model": str(stage.model),
-        **({"data.path": f"{recorded} (now in {Path(record_in).name}, for tokenize)"} if recorded else {}),
+        **({"data.path": f"{recorded[0]} (now in {Path(record_in).name}, for tokenize"
+                         + (", and as eval.reference_path)" if recorded[1] else ")")} if recorded else {}),
         "steps": f"{tc.steps} ({'already finished' if trained == 0 else f'{trained} this run'}"
                  + (f", resumed from step {start})" if start else ")"),
         **({"l1": terms["l1"], "l2": terms["l2"], "codebook usage (last batch)": terms["usage"],
