@@ -140,18 +140,27 @@ class Stateful(Protocol):
 
 
 class Checkpointer:
-    """Saves and resumes a stage's training state in ``<stage>/checkpoints/``."""
+    """Saves and resumes a stage's training state in ``<stage>/checkpoints/``.
 
-    def __init__(self, stage_dir: Path, accelerator: Accelerator, keep: int = 2):
+    ``made_from`` names the inputs the run trains on ({"tokens": ..., "base_sha256": ...}): every
+    checkpoint records it, and a checkpoint made from other inputs is refused on resume (a run must
+    not go on training on what another run started from). ``why`` says, per key, what changed it.
+    """
+
+    def __init__(self, stage_dir: Path, accelerator: Accelerator, keep: int = 2,
+                 made_from: dict | None = None, why: dict[str, str] | None = None):
         self.folder = Path(stage_dir) / "checkpoints"
         self.acc = accelerator
         self.keep = keep
+        self.made_from = made_from or {}
+        self.why = why or {}
 
     def save(self, step: int, modules: dict[str, Stateful], optimizers: dict[str, torch.optim.Optimizer], info=None):
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             states = {name: _state(self.acc, m) for name, m in modules.items()}
             opts = {name: o.state_dict() for name, o in optimizers.items()}
+            info = {**(info or {}), "made_from": self.made_from}
             checkpoint.save_training_state(checkpoint.checkpoint_path(self.folder, step), step, states, opts, info)
             checkpoint.prune_checkpoints(self.folder, self.keep)
         self.acc.wait_for_everyone()
@@ -164,10 +173,16 @@ class Checkpointer:
         if path is None:
             return 0
         try:
-            step, states, opts, _ = checkpoint.load_training_state(path)
+            step, states, opts, info = checkpoint.load_training_state(path)
         except UserError as exc:  # damaged (copied, disk error): say how to go on from the one before
             raise UserError(f"{exc}; delete it to resume from the checkpoint before it, "
                             f"or delete {self.folder} to start over") from None
+        recorded = info.get("made_from", {}) if isinstance(info, dict) else {}
+        for key, now in self.made_from.items():
+            if key in recorded and recorded[key] != now:  # (checkpoints from before this record: not checked)
+                what = {"tokens": "other tokens", "base_sha256": "another base model", "data": "other images"}.get(key, key)
+                raise UserError(f"{path} was trained on {what} than this run would go on with"
+                                f"{self.why.get(key, '')}: delete {self.folder.parent} to start over")
         if step > steps:
             raise UserError(f"{path} is at step {step}, past {steps_key} = {steps}: raise the steps to go on, "
                             f"or delete {self.folder} to start over")

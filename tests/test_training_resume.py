@@ -157,5 +157,44 @@ def test_a_finished_fine_tune_of_an_older_base_model_is_refused(tmp_path):
     assert _run(project, "train-diffusion", "train_diffusion.steps=15").returncode == 0  # resumes to 15 steps
     rerun = _run(project, "finetune-cfg")
     assert rerun.returncode == 2, rerun.stdout
-    assert "fine-tuned from another diffusion/model.safetensors" in rerun.stderr and "delete" in rerun.stderr
+    assert "trained on another base model" in rerun.stderr and "train-diffusion ran since" in rerun.stderr
+    assert "delete" in rerun.stderr
     assert stale_base(Project.from_file(project))
+
+
+def test_going_on_after_tokenize_ran_again_is_refused_and_a_finished_rerun_keeps_its_config(tmp_path):
+    """More steps after `tokenize` made new tokens (here: of more images) resumed the old run on the
+    new tokens and stamped the model as theirs; and a rerun that trains nothing rewrote config.json."""
+    project = write_tiny_project(tmp_path / "p")
+    write_fake_tokens(project.parent)
+    assert _run(project, "train-diffusion").returncode == 0
+    config_file = project.parent / "diffusion" / "config.json"
+    before = config_file.read_text()
+    again = _run(project, "train-diffusion", "train_diffusion.lr=0.5")
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert config_file.read_text() == before  # the finished run's own config, not the rerun's
+    write_fake_tokens(project.parent, count=60)  # tokens/ made again (another data.count)
+    meta_path = project.parent / "tokens" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["data"] = {**meta.get("data", {}), "count": 60}
+    meta_path.write_text(json.dumps(meta))
+    for steps in ("12", "15"):  # finished as it was, or going on
+        rerun = _run(project, "train-diffusion", f"train_diffusion.steps={steps}")
+        assert rerun.returncode == 2, rerun.stdout
+        assert "trained on other tokens" in rerun.stderr and "delete" in rerun.stderr
+
+
+def test_train_vq_of_a_new_folder_on_a_finished_tokenizer_is_refused_and_not_recorded(tmp_path):
+    from PIL import Image
+
+    project = write_tiny_project(tmp_path / "p")  # data.source = "shapes"
+    assert _run(project, "train-vq").returncode == 0
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200 - 30 * i)).save(photos / f"{i}.png")
+    text = project.read_text()
+    rerun = subprocess.run(_cmd(project, "train-vq") + [str(photos)], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 2, rerun.stdout
+    assert "trained on other images" in rerun.stderr and "delete" in rerun.stderr
+    assert project.read_text() == text  # the folder is not recorded for tokenize

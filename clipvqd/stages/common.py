@@ -56,6 +56,19 @@ def configured_clip(config: Config, project: Project, device):
                         "clipvqd never loads pickled files") from None
 
 
+def data_identity(config: Config, project: Project) -> dict:
+    """The [data] section as a record of which images a stage read: its path resolved, and written
+    relative to the project folder when inside it (so that moving the whole project changes nothing)."""
+    from clipvqd.config import config_to_dict
+
+    data = config_to_dict(config.data)
+    if data.get("path"):
+        path = project.resolve(data["path"]).resolve()
+        root = project.root.resolve()
+        data["path"] = path.relative_to(root).as_posix() or "." if path.is_relative_to(root) else str(path)
+    return data
+
+
 def resolved_data(config: Config, project: Project):
     """The [data] section with its path made absolute against the project folder."""
     data = config.data

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from clipvqd import checkpoint
-from clipvqd.config import Config, config_to_dict
+from clipvqd.config import Config
 from clipvqd.data import open_images
 from clipvqd.errors import UserError
 from clipvqd.models import load_vq
 from clipvqd.project import Project
-from clipvqd.stages.common import autocast, configured_clip, device_of, resolved_data
+from clipvqd.stages.common import autocast, configured_clip, data_identity, device_of, resolved_data
 
 
 def provenance(config: Config, project: Project, clip_name: str) -> dict:
@@ -32,7 +32,7 @@ def provenance(config: Config, project: Project, clip_name: str) -> dict:
     return {
         "vq_sha256": checkpoint.file_sha256(vq_path),
         "clip": clip_name,
-        "data": config_to_dict(resolved_data(config, project)),
+        "data": data_identity(config, project),
     }
 
 

@@ -109,7 +109,10 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.96), weight_decay=td.weight_decay)
     ema = EMA(model, td.ema_decay) if td.ema_decay > 0 else None
 
-    ckpt = Checkpointer(s.stage.root, acc)
+    made_from = {"tokens": tokens_identity(meta),
+                 **({"base_sha256": s.extra_meta["base_sha256"]} if "base_sha256" in s.extra_meta else {})}
+    ckpt = Checkpointer(s.stage.root, acc, made_from=made_from,
+                        why={"tokens": " (tokenize ran since)", "base_sha256": " (train-diffusion ran since)"})
     modules = {"model": model, "sampler": sampler, **({"ema": ema} if ema else {})}
     start = ckpt.resume(modules, {"opt": optimizer}, s.steps, f"{s.title.replace('-', '_')}.steps")
     if start == s.steps and s.stage.model.exists():
@@ -117,7 +120,7 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
         _check_same_base(s.stage.model, s.extra_meta.get("base_sha256"))
     model, optimizer = acc.prepare(model, optimizer)
     step_counts_on_cpu(optimizer)
-    if acc.is_main_process:
+    if acc.is_main_process and start < s.steps:  # the config of a run that trains (a finished one keeps its own)
         s.stage.root.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(s.stage.config, json.dumps(config_to_dict(config), indent=2))
 
@@ -178,7 +181,7 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
     weights = ema.weights_for(raw) if ema else raw.state_dict()
     trained = s.steps - start
     if acc.is_main_process and (trained or not s.stage.model.exists()):  # a finished model stays as it is
-        extra = {"diffusion": config_to_dict(config.diffusion), "tokens": {k: meta[k] for k in ("vq_sha256", "clip")},
+        extra = {"diffusion": config_to_dict(config.diffusion), "tokens": tokens_identity(meta),
                  "alpha": td.alpha, **s.extra_meta}
         checkpoint.save_model(s.stage.model, weights, "diffusion", asdict(raw.cfg), extra)
     acc.wait_for_everyone()
@@ -192,13 +195,21 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
     }
 
 
+def tokens_identity(tokens_meta: dict) -> dict:
+    """What makes tokens/ what it is: the VQ, the CLIP and the [data] they were made from."""
+    return {k: tokens_meta[k] for k in ("vq_sha256", "clip", "data") if k in tokens_meta}
+
+
 def _check_same_tokens(model_path: Path, tokens_meta: dict) -> None:
-    """A finished model must have been trained on the tokens/ there now (tokenize may have run since)."""
-    now = {k: tokens_meta[k] for k in ("vq_sha256", "clip")}
+    """A finished model must have been trained on the tokens/ there now (tokenize may have run since).
+    A model from before the data was recorded is compared on the VQ and the CLIP alone."""
+    now = tokens_identity(tokens_meta)
     try:
         trained_on = json.loads(checkpoint.read_metadata(model_path).get("tokens", "null"))
     except json.JSONDecodeError:  # an edited file: its provenance is unknown, so it is not these tokens'
         trained_on = None
+    if isinstance(trained_on, dict) and "data" not in trained_on:
+        now.pop("data", None)
     if trained_on != now:
         raise UserError(f"{model_path} was trained on other tokens than tokens/ holds now (tokenize ran since): "
                         f"delete {model_path.parent} to train it again on them")

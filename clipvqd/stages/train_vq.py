@@ -18,7 +18,8 @@ from clipvqd.config import Config, config_to_dict
 from clipvqd.data import make_grid, open_images, save_png
 from clipvqd.models import vq_config
 from clipvqd.project import Project
-from clipvqd.stages.common import resolved_data
+from clipvqd.errors import UserError
+from clipvqd.stages.common import data_identity, resolved_data
 from clipvqd.templates import record_image_folder
 from clipvqd.training import (
     EMA, Checkpointer, RunLog, StepBatches, check_finite, lr_factor, make_accelerator, set_lr, shard,
@@ -36,10 +37,8 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
     tc = config.train_vq
     acc = make_accelerator(config.project)
     torch.manual_seed(config.project.seed)  # weight init only; every later draw has its own generator
+    data = data_identity(config, project)
     images = open_images(resolved_data(config, project))
-    recorded = None
-    if record_in is not None and acc.is_main_process:
-        recorded = record_image_folder(record_in, project.resolve(config.data.path))
     model = GumbelVQGAN(vq_config(config))
     loss_fn = VQLoss(
         l1_weight=tc.l1_weight, l2_weight=tc.l2_weight, edge_weight=tc.edge_weight,
@@ -55,15 +54,21 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
 
     stage = project.vq
-    ckpt = Checkpointer(stage.root, acc)
+    ckpt = Checkpointer(stage.root, acc, made_from={"data": data},
+                        why={"data": " ([data] changed since, or train-vq DIR named another folder)"})
     modules = {"model": model, "disc": loss_fn.discriminator, **({"ema": ema} if ema else {})}
     start = ckpt.resume(modules, {"g": opt_g, "d": opt_d}, tc.steps, "train_vq.steps")
+    if start == tc.steps and stage.model.exists():
+        _check_same_data(stage.model, data)
+    recorded = None  # only now: a folder the tokenizer will not train on is not recorded
+    if record_in is not None and acc.is_main_process:
+        recorded = record_image_folder(record_in, project.resolve(config.data.path))
     model, disc, opt_g, opt_d = acc.prepare(model, loss_fn.discriminator, opt_g, opt_d)
     step_counts_on_cpu(opt_g, opt_d)
     loss_fn.discriminator = disc
     if loss_fn.perceptual is not None:
         loss_fn.perceptual.to(acc.device)
-    if acc.is_main_process:
+    if acc.is_main_process and start < tc.steps:  # the config of a run that trains (a finished one keeps its own)
         stage.root.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(stage.config, json.dumps(config_to_dict(config), indent=2))
 
@@ -126,7 +131,7 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
     # a finished run keeps its file as it is: a rewrite would change its bytes (safetensors orders the
     # metadata as it likes), hence its sha256, and so make the tokens and the denoiser built on it look stale
     if acc.is_main_process and (trained or not stage.model.exists()):
-        checkpoint.save_model(stage.model, weights, "vq", final.cfg.to_dict())
+        checkpoint.save_model(stage.model, weights, "vq", final.cfg.to_dict(), {"data": data})
     acc.wait_for_everyone()
     return {
         "model": str(stage.model),
@@ -138,6 +143,19 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
             "perplexity (last batch)": terms["perplexity"]} if trained else {}),  # none when already finished
         "steps/s": trained / elapsed if trained else 0.0,
     }
+
+
+def _check_same_data(model_path: Path, data: dict) -> None:
+    """A finished tokenizer must have been trained on the images [data] names now. (A file from
+    before the data was recorded is not checked.)"""
+    recorded = checkpoint.read_metadata(model_path).get("data")
+    try:
+        trained_on = json.loads(recorded) if recorded is not None else data
+    except json.JSONDecodeError:
+        trained_on = None
+    if trained_on != data:
+        raise UserError(f"{model_path} was trained on other images than [data] names now: delete "
+                        f"{model_path.parent} (and tokens/, diffusion/, diffusion-cfg/) to train on these")
 
 
 @torch.no_grad()
