@@ -250,7 +250,8 @@ class Clip:
         for text in texts:
             count = self.tokenizer.token_count(text)
             if count is not None and count > self.context_length:
-                log.warning("prompt longer than CLIP's %d-token context, truncated: %r", self.context_length, text)
+                shown = text if len(text) <= 80 else text[:77] + "..."
+                log.warning("prompt longer than CLIP's %d-token context, truncated: %r", self.context_length, shown)
         out = [self.module.encode_text(self.tokenizer(texts[i:i + batch_size]).to(self.device), normalize=True)
                for i in range(0, len(texts), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)

@@ -13,6 +13,7 @@ A project directory holds ``clipvqd.toml`` and the artefacts of each stage:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,7 @@ def plain_name(name: str, what: str) -> str:
 
 
 def slug(text: str, max_len: int = 60) -> str:
-    """A folder-safe name made from a prompt: 'a red circle!' -> 'a-red-circle'."""
+    """A folder-safe name made from a prompt: 'a red circle!' -> 'a-red-circle'. A prompt with no
+    ASCII letter or digit ('赤い円') gets 'p-' and 8 hex digits of its hash, so that two differ."""
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return s[:max_len].rstrip("-") or "samples"
+    return s[:max_len].rstrip("-") or "p-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]

@@ -375,3 +375,11 @@ def test_shapes_source_is_the_shapes_world_dataset():
     assert image.shape == (3, 16, 16) and image.min() >= -1 and image.max() <= 1
     again = open_images(SimpleNamespace(source="shapes", path="", image_size=16, count=3, seed=7))
     torch.testing.assert_close(again[2], image)
+
+
+def test_slugs_of_prompts_without_ascii_letters_differ():
+    from clipvqd.project import slug
+
+    assert slug("a red circle!") == "a-red-circle"
+    assert slug("赤い円") != slug("青い四角") and slug("赤い円").startswith("p-")
+    assert slug("赤い円") == slug("赤い円")  # deterministic

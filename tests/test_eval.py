@@ -152,7 +152,7 @@ def test_shapes_fid_and_is_use_the_clip_and_say_so(tmp_path, clip_file, monkeypa
     first = eval_stage.run(config, project, samples_dir=folder)
     assert seen and seen[0].get("rng") is not None  # rows come grouped by prompt: IS must shuffle them
     assert first["IS kind"].startswith("IS (tiny-CLIP zero-shot over 720 classes, not Inception)")
-    assert "6 splits" in first["IS kind"]
+    assert first["IS kind"].endswith(", 1 split")  # 6 images: one split (one image a split would score 1 always)
     assert 1.0 <= first["IS"] <= 720
     assert "not Inception" in first["FID features"]
     assert first["FID reference images"] == 12 and first["FID"] > 0
@@ -294,7 +294,7 @@ def test_coco_protocol_with_a_local_inception_file(tmp_path, clip_file):
     result = eval_stage.run(config, Project(tmp_path), samples_dir=folder)
     assert result["FID features"] == "clean-fid clean mode, Inception"
     assert abs(result["FID"]) < 1e-6  # the samples against themselves
-    assert result["IS kind"] == "IS (Inception logits, no output bias), 6 splits"
+    assert result["IS kind"] == "IS (Inception logits, no output bias), 1 split"  # 6 images: too few for 10 a split
     assert "judge in-distribution, all samples" not in result  # the judge is for shapes only
     config = config.replace(**{"eval.reference_path": ""})
     with pytest.raises(UserError, match="reference_path"):
@@ -395,6 +395,16 @@ def test_end_to_end_on_a_tiny_trained_project(tiny_project):
     sweep = eval_stage.run(config, project, sweeps=["guidance=1,2"], name="g")
     assert sweep["grid points"] == 2
     assert all((project.eval_dir / f"g-sweep.{ext}").is_file() for ext in ("json", "md", "png"))
+    # sampling again into a folder replaces it: no image of the first run stays beside the new index
+    from clipvqd.stages import sample
+
+    for n in (3, 2):
+        sample.run(config.replace(**{"sample.n": n, "sample.name": "again"}), project, prompt="a red circle")
+    assert len(list((project.samples("again") / "images").glob("*.png"))) == 2
+    # prompts without an ASCII letter get folders of their own
+    for prompt in ("赤い円", "青い四角"):
+        sample.run(config.replace(**{"sample.n": 1}), project, prompt=prompt)
+    assert len({p.name for p in project.samples("x").parent.iterdir() if p.name.startswith("p-")}) == 2
 
 
 def test_max_prompts_spreads_through_the_set():
@@ -452,3 +462,13 @@ def test_rerank_scores_a_numbered_label_by_its_text(tmp_path, clip_file):
     a = rerank.run(config, project, numbered)["mean CLIP score, all samples"]
     b = rerank.run(config, project, plain)["mean CLIP score, all samples"]
     assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_eval_says_what_it_skipped_and_when_the_protocol_does_not_fit(tmp_path, clip_file):
+    project = Project(tmp_path)
+    circle = A("circle", "red", "white", "large", "center")
+    folder = _write_samples(tmp_path / "samples" / "img", [("image:ref.png", circle, Jitter())] * 2)
+    eval_stage.run(_config(clip_file, **{"data.source": "folder", "data.path": "pics"}), project, samples_dir=folder)
+    notes = json.loads((tmp_path / "eval" / "img.json").read_text())["notes"]
+    assert any("CLIP score skipped" in n for n in notes)  # no text to score the images against
+    assert any("eval.protocol = shapes measures the shapes world" in n for n in notes)

@@ -110,3 +110,22 @@ def test_train_vq_hands_the_lpips_file_to_the_perceptual_loss(tmp_path, monkeypa
         train_vq.run(config, Project.from_file(path))
     assert seen["lpips_lin_weights"] == str(tmp_path / "proj" / "lin.pth")
     assert seen["perceptual_weights"] == str(tmp_path / "proj" / "vgg.safetensors")
+
+
+def test_codes_outside_the_codebook_are_refused_in_one_line(tmp_path):
+    """A hand-made codes.npy with a code >= K (or floats) crashed train-diffusion in an embedding lookup."""
+    import numpy as np
+
+    from clipvqd.config import load_config
+    from clipvqd.project import Project
+    from clipvqd.stages.train_diffusion import load_tokens
+
+    path = write_tiny_project(tmp_path / "proj")
+    write_fake_tokens(path.parent)
+    config, project = load_config(path), Project.from_file(path)
+    codes_file = project.tokens / "codes.npy"
+    codes = np.load(codes_file)
+    for bad in (codes.astype(np.int64) + 5000, codes.astype(np.float32)):
+        np.save(codes_file, bad)
+        with pytest.raises(UserError, match="codes outside"):
+            load_tokens(config, project)

@@ -33,7 +33,7 @@ def prompt_text(label: str) -> str:
 def read_lines(path: Path, what: str) -> list[str]:
     """The non-empty lines of a UTF-8 text file (prompts, captions), stripped; '#' starts a comment line."""
     if not Path(path).is_file():
-        raise UserError(f"{what} {path}: no such file")
+        raise UserError(f"{what} {path}: {'a folder, not a text file' if Path(path).is_dir() else 'no such file'}")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as error:

@@ -113,6 +113,9 @@ def evaluate(config: Config, project: Project, samples_dir: Path, rows: list[dic
     text_of = [prompt_text(p) for p in prompts]
     files = [samples_dir / r["file"] for r in rows]
     shapes = protocol == "shapes"
+    if shapes and config.data.source != "shapes":
+        notes.append(f"eval.protocol = shapes measures the shapes world, but this project trains on "
+                     f"data.source = {config.data.source}: set eval.protocol (coco, ffhq64) and eval.reference_path")
     clip = configured_clip(config, project, device)
     texts = sorted({p for p in text_of if not p.startswith("image:")})
     text_emb = dict(zip(texts, clip.embed_texts(texts, config.clip.batch_size).float().cpu())) if texts else {}
@@ -142,6 +145,8 @@ def evaluate(config: Config, project: Project, samples_dir: Path, rows: list[dic
         if len(seen) == 1 and None not in seen:
             m[label] = seen.pop()
     scored = [i for i, c in enumerate(cosines) if c == c]
+    if ec.clip_score and not scored:
+        notes.append("CLIP score skipped: these samples were made from reference images, not text")
     if ec.clip_score and scored:
         best_scored = [i for i in best if cosines[i] == cosines[i]]
         m["CLIP score (cosine, paper), all samples"] = float(np.mean([cosines[i] for i in scored]))
@@ -186,10 +191,11 @@ def evaluate(config: Config, project: Project, samples_dir: Path, rows: list[dic
             m["FID features"] = f"clean-fid clean mode, {fid_label}"
             m["FID reference images"] = count
         if want_is:
-            splits = min(IS_SPLITS, len(logits))
+            # at least 10 images a split where there are that many: one image a split scores 1 whatever it shows
+            splits = max(1, min(IS_SPLITS, len(logits) // 10))
             # rows come grouped by prompt: each split must be a random sample (see inception_score)
             m["IS"], m["IS std"] = inception_score(logits, splits=splits, rng=np.random.default_rng(IS_SHUFFLE_SEED))
-            m["IS kind"] = f"{extractor.is_label}, {splits} splits"
+            m["IS kind"] = f"{extractor.is_label}, {splits} split{'s' if splits != 1 else ''}"
     return m, notes
 
 

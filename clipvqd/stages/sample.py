@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -117,7 +118,7 @@ def run(config: Config, project: Project, prompt: str | None = None, prompts_fil
     if sc.name:
         plain_name(sc.name, "sample.name")
     if image is not None and not Path(image).is_file():  # before minutes of model loading
-        raise UserError(f"--image {image}: no such file")
+        raise UserError(f"--image {image}: {'a folder, not an image file' if Path(image).is_dir() else 'no such file'}")
     gen = Generator(config, project)
     guidance = gen.effective_guidance()
     notes = []
@@ -134,12 +135,14 @@ def run(config: Config, project: Project, prompt: str | None = None, prompts_fil
         jobs += list(zip(prompts, text_emb))
     if image is not None:
         if not Path(image).is_file():
-            raise UserError(f"--image {image}: no such file")
+            raise UserError(f"--image {image}: {'a folder, not an image file' if Path(image).is_dir() else 'no such file'}")
         ref = load_image_file(image, config.data.image_size).unsqueeze(0)
         jobs.append((f"image:{Path(image).name}", gen.clip.embed_images(ref).float()[0]))
 
     name = sc.name or (slug(jobs[0][0]) if len(jobs) == 1 else (Path(prompts_file).stem if prompts_file else "batch"))
     out = project.samples(name)
+    if out.exists():  # a new run replaces the folder: no images of an earlier run stay beside its index
+        shutil.rmtree(out)
     rows, sheets = write_samples(gen, jobs, out, guidance)
     result = {"samples": str(out), "images": len(rows), "model": gen.model_kind,
               "guidance": guidance, "truncation": sc.truncation, "steps": sc.steps,

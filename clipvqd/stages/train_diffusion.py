@@ -71,6 +71,9 @@ def load_tokens(config: Config, project: Project) -> tuple[np.ndarray, np.ndarra
                         f"{meta['grid'][0]}x{meta['grid'][1]} grid: rerun `clipvqd tokenize`")
     if codes.shape[0] != meta["count"] or embeds.shape[0] != meta["count"]:
         raise UserError("tokens/ is incomplete (array sizes differ from meta.json): rerun `clipvqd tokenize`")
+    if codes.dtype.kind not in "iu" or (codes.size and (codes.min() < 0 or codes.max() >= meta["codebook_size"])):
+        raise UserError(f"tokens/codes.npy holds {codes.dtype} codes outside 0..{meta['codebook_size'] - 1}: "
+                        "it was not written by `clipvqd tokenize` (rerun it)")
     return codes, embeds, meta
 
 
