@@ -134,6 +134,10 @@ def _denoiser_and_vq(root: Path) -> None:
     write_denoiser(root / "clipvqd.toml")
 
 
+def _vq_only(root: Path) -> None:
+    write_vq(root / "clipvqd.toml")
+
+
 def _bad_images(root: Path) -> None:
     bad = root / "bad"
     bad.mkdir()
@@ -257,9 +261,11 @@ CASES = {
     "train-diffusion without tokens": (_no_setup, ["train-diffusion"], ["tokens/meta.json", "clipvqd tokenize"]),
     "finetune-cfg without diffusion": (_tokens, ["finetune-cfg"], ["diffusion/model.safetensors",
                                                                    "clipvqd train-diffusion"]),
-    "sample with no trained model": (_no_setup, ["sample", "a red circle"], ["diffusion/model.safetensors",
-                                                                             "clipvqd train-diffusion"]),
-    "sample --model cfg without it": (_no_setup, ["sample", "x", "-s", "sample.model=cfg"],
+    "sample in an empty project": (_no_setup, ["sample", "a red circle"], ["vq/model.safetensors",
+                                                                           "clipvqd train-vq"]),  # the first stage
+    "sample with no trained model": (_vq_only, ["sample", "a red circle"], ["diffusion/model.safetensors",
+                                                                           "clipvqd train-diffusion"]),
+    "sample --model cfg without it": (_vq_only, ["sample", "x", "-s", "sample.model=cfg"],
                                       ["diffusion-cfg/model.safetensors", "clipvqd finetune-cfg"]),
     "rerank without index.jsonl": (_samples_without_index, ["rerank", "samples/loose"],
                                    ["index.jsonl", "clipvqd sample"]),

@@ -459,9 +459,10 @@ def test_rerank_scores_a_numbered_label_by_its_text(tmp_path, clip_file):
     numbered = _write_samples(tmp_path / "samples" / "numbered", [("#3 a red circle", circle, Jitter())])
     plain = _write_samples(tmp_path / "samples" / "plain", [("a red circle", circle, Jitter())])
     config = _config(clip_file)
-    a = rerank.run(config, project, numbered)["mean CLIP score, all samples"]
-    b = rerank.run(config, project, plain)["mean CLIP score, all samples"]
+    first = rerank.run(config, project, numbered)
+    a, b = first["mean CLIP score, all samples"], rerank.run(config, project, plain)["mean CLIP score, all samples"]
     assert a == pytest.approx(b, abs=1e-6)
+    assert first["kept per prompt"] == 1  # one sample a prompt: rerank.keep (4) cannot keep more
 
 
 def test_eval_says_what_it_skipped_and_when_the_protocol_does_not_fit(tmp_path, clip_file):

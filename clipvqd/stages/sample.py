@@ -65,6 +65,7 @@ class Generator:
     def __init__(self, config: Config, project: Project, device=None):
         self.config, self.project = config, project
         self.device = device or device_of(config)
+        project.require(project.vq.model, "vq")  # the first stage: in an empty project, name it first
         self.model_path, self.model_kind = choose_model(config, project)
         self.denoiser, meta = load_denoiser(self.model_path, self.device)
         self.meta = meta
