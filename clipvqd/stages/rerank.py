@@ -2,7 +2,9 @@
 cosine between the L2-normalised image and text embeddings, as the paper).
 
 reranked/<name>/ holds the kept PNGs and scores.jsonl (file, prompt, seed,
-clip_score, rank). `clipvqd sample --rerank` calls :func:`keep_best` inline.
+clip_score, rank). `clipvqd sample --rerank` calls :func:`keep_best` inline
+with the scores it computed before the images were written as 8-bit PNGs;
+`clipvqd rerank` scores the PNGs, so the two differ in the last digits.
 """
 
 from __future__ import annotations
