@@ -220,7 +220,8 @@ def eval_(
         sugar.update({"eval.fid": str(fid).lower(), "eval.inception_score": str(inception).lower(),
                       "eval.clip_score": str(clip).lower(), "eval.judge": str(judge).lower()})
     config, proj = _load(project, set, sugar)
-    _summary("eval", _stage("eval").run(config, proj, samples_dir=samples_dir, sweeps=sweep or [], name=name))
+    _summary("eval", _stage("eval").run(config, proj, samples_dir=samples_dir, sweeps=sweep or [], name=name,
+                                        strict=fid or inception or clip or judge))
 
 
 @app.command()

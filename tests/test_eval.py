@@ -473,3 +473,19 @@ def test_eval_says_what_it_skipped_and_when_the_protocol_does_not_fit(tmp_path, 
     notes = json.loads((tmp_path / "eval" / "img.json").read_text())["notes"]
     assert any("CLIP score skipped" in n for n in notes)  # no text to score the images against
     assert any("eval.protocol = shapes measures the shapes world" in n for n in notes)
+
+
+def test_a_named_metric_that_cannot_be_computed_is_an_error_before_sampling(tmp_path, clip_file):
+    """`eval --fid` on ffhq64 without real images, `--clip` on image-conditioned samples: one error line
+    (named metrics), where eval without flags goes on with a note."""
+    project = Project(tmp_path)
+    circle = A("circle", "red", "white", "large", "center")
+    folder = _write_samples(tmp_path / "samples" / "img", [("image:ref.png", circle, Jitter())] * 2)
+    with pytest.raises(UserError, match="--clip: these samples were made from reference images"):
+        eval_stage.run(_config(clip_file, **{"eval.clip_score": True}), project, samples_dir=folder, strict=True)
+    ffhq = _config(clip_file, **{"eval.protocol": "ffhq64", "eval.fid": True, "eval.judge": False})
+    with pytest.raises(UserError, match="--fid: the ffhq64 protocol measures it only with eval.reference_path"):
+        eval_stage.run(ffhq, project, strict=True)  # raised before any sampling: no model exists here
+    assert eval_stage.unavailable(_config(clip_file, **{"eval.judge": True, "eval.protocol": "coco"})) == {
+        "--judge": "the judge reads the shapes world only (eval.protocol = shapes)"}
+    assert eval_stage.unavailable(_config(clip_file)) == {}  # the shapes defaults: everything computable

@@ -271,11 +271,36 @@ def run_sweep(config: Config, project: Project, sweeps: list[str], name: str | N
     return result
 
 
+def unavailable(config: Config, rows: list[dict] | None = None) -> dict[str, str]:
+    """The enabled metrics this evaluation cannot compute, each with why (``rows``: a given folder's index).
+    eval skips them with a note; when the user named them (``--fid`` ...), that is an error instead."""
+    ec, protocol = config.eval, config.eval.protocol
+    out = {}
+    if protocol == "ffhq64" and not ec.reference_path:
+        for flag, on in (("--fid", ec.fid), ("--is", ec.inception_score)):
+            if on:
+                out[flag] = "the ffhq64 protocol measures it only with eval.reference_path (real images) set"
+    if ec.inception_score and _features_kind(config) == "clip" and "shapes" not in (config.clip.model, protocol):
+        out["--is"] = "CLIP features have no zero-shot classes outside the shapes world"
+    if ec.clip_score and rows and all(prompt_text(r["prompt"]).startswith("image:") for r in rows):
+        out["--clip"] = "these samples were made from reference images, not text"
+    if ec.judge and protocol != "shapes":
+        out["--judge"] = "the judge reads the shapes world only (eval.protocol = shapes)"
+    return out
+
+
 def run(config: Config, project: Project, samples_dir: Path | None = None, sweeps: list[str] = (),
-        name: str | None = None) -> dict:
+        name: str | None = None, strict: bool = False) -> dict:
     """Evaluate SAMPLES_DIR, or generate what eval.protocol needs first; with ``sweeps``, a whole grid.
+    ``strict`` (the user named the metrics): a metric that cannot be computed here is an error, found
+    before any sampling, not a note.
 
     Returns the flat dict the CLI prints; the reports go to eval/<name>.json and .md."""
+    if strict:
+        rows = read_index(Path(samples_dir)) if samples_dir is not None else None
+        missing = unavailable(config, rows)
+        if missing:
+            raise UserError("cannot compute " + "; ".join(f"{flag}: {why}" for flag, why in missing.items()))
     if sweeps:
         if samples_dir is not None:
             raise UserError("--sweep samples at every grid point; it cannot evaluate a given SAMPLES_DIR")
