@@ -122,9 +122,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def check_finite(terms: dict[str, float], step: int, stage_dir: Path) -> None:
-    """Stop before poisoned weights are saved: name the step and the last good checkpoint."""
+def check_finite(terms: dict[str, float], step: int, stage_dir: Path, acc: Accelerator | None = None) -> None:
+    """Stop before poisoned weights are saved: name the step and the last good checkpoint.
+
+    With ``acc`` and several processes, every process learns whether any of them saw a NaN (one
+    small all-reduce), so that all stop with this line together; alone, the others would wait in
+    the next gradient exchange until the launcher killed them."""
     bad = [k for k, v in terms.items() if not math.isfinite(v)]
+    if acc is not None and acc.num_processes > 1:
+        flag = torch.tensor([1.0 if bad else 0.0], device=acc.device)
+        if float(acc.reduce(flag, reduction="sum")) > 0 and not bad:
+            bad = ["(on another process)"]
     if bad:
         last = checkpoint.latest_checkpoint(Path(stage_dir) / "checkpoints")
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"

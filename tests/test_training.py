@@ -129,3 +129,24 @@ def test_codes_outside_the_codebook_are_refused_in_one_line(tmp_path):
         np.save(codes_file, bad)
         with pytest.raises(UserError, match="codes outside"):
             load_tokens(config, project)
+
+
+def test_a_nan_on_one_process_stops_every_process():
+    """With several processes each one asks the others (an all-reduce): a process whose own loss is
+    finite stops too when another saw a NaN; none stops when all are finite."""
+    from clipvqd.training import check_finite
+
+    class TwoProcesses:  # this process, plus one other whose flag is ``other``
+        num_processes, device = 2, torch.device("cpu")
+
+        def __init__(self, other: float):
+            self.other = other
+
+        def reduce(self, tensor, reduction="sum"):
+            return tensor + self.other
+
+    check_finite({"loss": 1.0}, 5, "/nowhere", TwoProcesses(0.0))
+    with pytest.raises(UserError, match="on another process.*step 5"):
+        check_finite({"loss": 1.0}, 5, "/nowhere", TwoProcesses(1.0))
+    with pytest.raises(UserError, match="loss"):
+        check_finite({"loss": float("nan")}, 5, "/nowhere", TwoProcesses(0.0))

@@ -157,7 +157,7 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
                     log_x0 = model(x_t, t, cond)
                 out = vlb_loss(log_x0.float(), x0, x_t, t, schedule, _aux_weight(config), pt)
                 if config.project.grad_accum > 1:  # a NaN micro-batch would poison the step the last one takes
-                    check_finite({"loss": float(out["loss"].detach())}, step + 1, s.stage.root)
+                    check_finite({"loss": float(out["loss"].detach())}, step + 1, s.stage.root, acc)
                 acc.backward(out["loss"])
                 if acc.sync_gradients and td.grad_clip > 0:
                     acc.clip_grad_norm_(model.parameters(), td.grad_clip)
@@ -167,7 +167,7 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
             sampler.update(all_t, all_vlb)
         terms = {"loss": float(out["loss"].detach()), "vlb": float(out["vlb"].detach()),
                  "aux": float(out["aux"].detach()), "lr": lr}
-        check_finite(terms, step + 1, s.stage.root)
+        check_finite(terms, step + 1, s.stage.root, acc)
         if ema is not None:
             ema.update(raw)
         runlog.step(step + 1, terms)

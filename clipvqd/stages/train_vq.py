@@ -98,7 +98,7 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
                     g_terms = loss_fn.generator_step(x, recon.float(), info["kl"].float(), step, last_layer(),
                                                      loss_scale=acc.scaler.get_scale() if acc.scaler else 1.0)
                 if accumulating:  # a NaN micro-batch would poison the step the last one takes
-                    check_finite({"total": float(g_terms["total"].detach())}, step + 1, stage.root)
+                    check_finite({"total": float(g_terms["total"].detach())}, step + 1, stage.root, acc)
                 acc.backward(g_terms["total"])
                 opt_g.step()
                 opt_g.zero_grad(set_to_none=True)
@@ -107,13 +107,13 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
                     with acc.autocast():
                         d_terms = loss_fn.discriminator_step(x, recon.float(), step)
                     if accumulating:
-                        check_finite({"d_loss": float(d_terms["d_loss"].detach())}, step + 1, stage.root)
+                        check_finite({"d_loss": float(d_terms["d_loss"].detach())}, step + 1, stage.root, acc)
                     acc.backward(d_terms["d_loss"])
                     opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
         terms = {k: float(v.detach()) for k, v in {**g_terms, **d_terms}.items()}
         terms.update(usage=info["usage"], perplexity=info["perplexity"], tau=tau, hard=float(hard), lr=step_lr)
-        check_finite(terms, step + 1, stage.root)
+        check_finite(terms, step + 1, stage.root, acc)
         if ema is not None:
             ema.update(acc.unwrap_model(model))
         runlog.step(step + 1, terms)
