@@ -150,25 +150,25 @@ class Stateful(Protocol):
 class Checkpointer:
     """Saves and resumes a stage's training state in ``<stage>/checkpoints/``.
 
-    ``made_from`` names the inputs the run trains on ({"tokens": ..., "base_sha256": ...}): every
-    checkpoint records it, and a checkpoint made from other inputs is refused on resume (a run must
-    not go on training on what another run started from). ``why`` says, per key, what changed it.
+    ``made_from`` names the inputs the run trains on, each as {key: (value, what other values mean)},
+    e.g. {"tokens": (identity, "other tokens (tokenize ran since)")}: every checkpoint records the
+    values, and a checkpoint made from other inputs is refused on resume (a run must not go on
+    training on what another run started from).
     """
 
     def __init__(self, stage_dir: Path, accelerator: Accelerator, keep: int = 2,
-                 made_from: dict | None = None, why: dict[str, str] | None = None):
+                 made_from: dict[str, tuple[Any, str]] | None = None):
         self.folder = Path(stage_dir) / "checkpoints"
         self.acc = accelerator
         self.keep = keep
         self.made_from = made_from or {}
-        self.why = why or {}
 
     def save(self, step: int, modules: dict[str, Stateful], optimizers: dict[str, torch.optim.Optimizer], info=None):
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             states = {name: _state(self.acc, m) for name, m in modules.items()}
             opts = {name: o.state_dict() for name, o in optimizers.items()}
-            info = {**(info or {}), "made_from": self.made_from}
+            info = {**(info or {}), "made_from": {key: value for key, (value, _) in self.made_from.items()}}
             checkpoint.save_training_state(checkpoint.checkpoint_path(self.folder, step), step, states, opts, info)
             checkpoint.prune_checkpoints(self.folder, self.keep)
         self.acc.wait_for_everyone()
@@ -186,11 +186,9 @@ class Checkpointer:
             raise UserError(f"{exc}; delete it to resume from the checkpoint before it, "
                             f"or delete {self.folder} to start over") from None
         recorded = info.get("made_from", {}) if isinstance(info, dict) else {}
-        for key, now in self.made_from.items():
+        for key, (now, other) in self.made_from.items():
             if key in recorded and recorded[key] != now:  # (checkpoints from before this record: not checked)
-                what = {"tokens": "other tokens", "base_sha256": "another base model", "data": "other images"}.get(key, key)
-                raise UserError(f"{path} was trained on {what} than this run would go on with"
-                                f"{self.why.get(key, '')}: delete {self.folder.parent} to start over")
+                raise UserError(f"{path} was trained on {other}: delete {self.folder.parent} to start over")
         if step > steps:
             raise UserError(f"{path} is at step {step}, past {steps_key} = {steps}: raise the steps to go on, "
                             f"or delete {self.folder} to start over")

@@ -157,8 +157,8 @@ def test_a_finished_fine_tune_of_an_older_base_model_is_refused(tmp_path):
     assert _run(project, "train-diffusion", "train_diffusion.steps=15").returncode == 0  # resumes to 15 steps
     rerun = _run(project, "finetune-cfg")
     assert rerun.returncode == 2, rerun.stdout
-    assert "trained on another base model" in rerun.stderr and "train-diffusion ran since" in rerun.stderr
-    assert "delete" in rerun.stderr
+    assert "fine-tuned from another diffusion/model.safetensors" in rerun.stderr
+    assert "train-diffusion ran since" in rerun.stderr and "delete" in rerun.stderr
     assert stale_base(Project.from_file(project))
 
 

@@ -65,7 +65,7 @@ def data_identity(config: Config, project: Project) -> dict:
     if data.get("path"):
         path = project.resolve(data["path"]).resolve()
         root = project.root.resolve()
-        data["path"] = path.relative_to(root).as_posix() or "." if path.is_relative_to(root) else str(path)
+        data["path"] = (path.relative_to(root).as_posix() or ".") if path.is_relative_to(root) else str(path)
     return data
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -83,7 +84,7 @@ def run(config: Config, project: Project, samples_dir: Path) -> dict:
     out = keep_best(project, samples_dir, rescored, config.rerank.keep)
     prompts = len({r["prompt"] for r in rows})
     best = [max(r["clip_score"] for r in rescored if r["prompt"] == p) for p in {r["prompt"] for r in rescored}]
-    most = max(sum(r["prompt"] == p for r in rows) for p in {r["prompt"] for r in rows})
+    most = max(Counter(r["prompt"] for r in rows).values())
     return {"reranked": str(out), "prompts": prompts, "kept per prompt": min(config.rerank.keep, most),
             "mean best CLIP score (cosine)": sum(best) / len(best),
             "mean CLIP score, all samples": sum(r["clip_score"] for r in rescored) / len(rescored)}

@@ -135,8 +135,6 @@ def run(config: Config, project: Project, prompt: str | None = None, prompts_fil
         text_emb = gen.clip.embed_texts(prompts, config.clip.batch_size).float()
         jobs += list(zip(prompts, text_emb))
     if image is not None:
-        if not Path(image).is_file():
-            raise UserError(f"--image {image}: {'a folder, not an image file' if Path(image).is_dir() else 'no such file'}")
         ref = load_image_file(image, config.data.image_size).unsqueeze(0)
         jobs.append((f"image:{Path(image).name}", gen.clip.embed_images(ref).float()[0]))
 

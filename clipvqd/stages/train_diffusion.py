@@ -112,15 +112,15 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.96), weight_decay=td.weight_decay)
     ema = EMA(model, td.ema_decay) if td.ema_decay > 0 else None
 
-    made_from = {"tokens": tokens_identity(meta),
-                 **({"base_sha256": s.extra_meta["base_sha256"]} if "base_sha256" in s.extra_meta else {})}
-    ckpt = Checkpointer(s.stage.root, acc, made_from=made_from,
-                        why={"tokens": " (tokenize ran since)", "base_sha256": " (train-diffusion ran since)"})
+    made_from = {"tokens": (tokens_identity(meta), "other tokens than this run would go on with (tokenize ran since)")}
+    if "base_sha256" in s.extra_meta:
+        made_from["base_sha256"] = (s.extra_meta["base_sha256"], "another base model than this run would go on "
+                                    "with (train-diffusion ran since)")
+    ckpt = Checkpointer(s.stage.root, acc, made_from=made_from)
     modules = {"model": model, "sampler": sampler, **({"ema": ema} if ema else {})}
     start = ckpt.resume(modules, {"opt": optimizer}, s.steps, f"{s.title.replace('-', '_')}.steps")
     if start == s.steps and s.stage.model.exists():
         _check_same_tokens(s.stage.model, meta)
-        _check_same_base(s.stage.model, s.extra_meta.get("base_sha256"))
     model, optimizer = acc.prepare(model, optimizer)
     step_counts_on_cpu(optimizer)
     if acc.is_main_process and start < s.steps:  # the config of a run that trains (a finished one keeps its own)
@@ -216,14 +216,6 @@ def _check_same_tokens(model_path: Path, tokens_meta: dict) -> None:
     if trained_on != now:
         raise UserError(f"{model_path} was trained on other tokens than tokens/ holds now (tokenize ran since): "
                         f"delete {model_path.parent} to train it again on them")
-
-
-def _check_same_base(model_path: Path, base_sha256: str | None) -> None:
-    """A finished fine-tune must have started from the base model there now (train-diffusion may have run since)."""
-    recorded = checkpoint.read_metadata(model_path).get("base_sha256")
-    if base_sha256 is not None and recorded is not None and recorded != base_sha256:
-        raise UserError(f"{model_path} was fine-tuned from another diffusion/model.safetensors than the one there now "
-                        f"(train-diffusion ran since): delete {model_path.parent} to fine-tune the new one")
 
 
 def _schedule_args(config: Config) -> dict:

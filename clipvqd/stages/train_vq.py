@@ -54,8 +54,8 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
 
     stage = project.vq
-    ckpt = Checkpointer(stage.root, acc, made_from={"data": data},
-                        why={"data": " ([data] changed since, or train-vq DIR named another folder)"})
+    ckpt = Checkpointer(stage.root, acc, made_from={"data": (data, "other images than this run would go on with "
+                                                                   "([data] changed since, or train-vq DIR named another folder)")})
     modules = {"model": model, "disc": loss_fn.discriminator, **({"ema": ema} if ema else {})}
     start = ckpt.resume(modules, {"g": opt_g, "d": opt_d}, tc.steps, "train_vq.steps")
     if start == tc.steps and stage.model.exists():
