@@ -1,0 +1,112 @@
+"""The denoiser forward under variants that SPEED.md reports as tried and not kept.
+
+    python examples/benchmarks/forward_variants.py [--threads 2]
+
+1. Paper size (24 x 512, 16 heads, 16x16, K=4096, linear MLP), batch 4 (= 2
+   samples with guidance), bf16: autocast entered for each forward, one
+   autocast context around all forwards (as both sampling loops run: its
+   weight-cast cache then holds), and a bf16 copy of the weights. Best of 3
+   each, interleaved. Then torch.profiler's time in ``aten::addmm`` per forward
+   (one context), against the whole forward.
+2. Quick GELU as written (``x * sigmoid(1.702 x)``) against the same ops in
+   place (``x.mul(1.702).sigmoid_().mul_(x)``, the same bits) in the tiny and
+   small fp32 forwards (batch 32), best of 5, three interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import clipvqd.transformer as transformer
+from clipvqd.transformer import Denoiser, DenoiserConfig
+
+
+def best_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1000
+
+
+def inputs(cfg: DenoiserConfig, batch: int):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(0, cfg.num_classes + 1, (batch, cfg.seq_len), generator=g),
+            torch.full((batch,), 50), torch.randn(batch, cfg.cond_dim, generator=g))
+
+
+def paper_bf16() -> None:
+    cfg = DenoiserConfig(4096, 16, 16, 24, 512, 16, mlp="linear", mlp_ratio=4, cond_dim=512)
+    torch.manual_seed(0)
+    model = Denoiser(cfg).eval()
+    weights = Denoiser(cfg).eval()
+    weights.load_state_dict(model.state_dict())
+    weights = weights.to(torch.bfloat16)
+    tok, t, cond = inputs(cfg, 4)
+
+    def per_call():
+        with torch.autocast("cpu", torch.bfloat16):
+            model(tok, t, cond)
+
+    rows = {"autocast entered per forward": [], "one autocast context (the loops)": [], "bf16 weights": []}
+    with torch.no_grad():
+        for _ in range(2):
+            rows["autocast entered per forward"].append(best_ms(per_call, 3))
+            with torch.autocast("cpu", torch.bfloat16):
+                rows["one autocast context (the loops)"].append(best_ms(lambda: model(tok, t, cond), 3))
+            rows["bf16 weights"].append(best_ms(lambda: weights(tok, t, cond.bfloat16()), 3))
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.autocast("cpu", torch.bfloat16):
+            model(tok, t, cond)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(2):
+                    model(tok, t, cond)
+    print("paper size, bf16, batch 4, ms per forward (best of 3, two rounds):")
+    for name, values in rows.items():
+        print(f"  {name}: {' / '.join(f'{v:.0f}' for v in values)}")
+    totals = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    addmm, total = totals.get("aten::addmm", 0.0) / 2e3, sum(totals.values()) / 2e3
+    print(f"  profiled (one context): aten::addmm {addmm:.0f} ms of {total:.0f} ms of CPU time per forward")
+
+
+def gelu_in_place() -> None:
+    plain = transformer.quick_gelu
+
+    def in_place(x):
+        return x.mul(1.702).sigmoid_().mul_(x)
+
+    for name, cfg in (("tiny", DenoiserConfig(256, 8, 8, 4, 128, 4, mlp="linear", cond_dim=512)),
+                      ("small", DenoiserConfig(1024, 8, 8, 8, 256, 8, mlp="linear", cond_dim=512))):
+        torch.manual_seed(0)
+        model = Denoiser(cfg).eval()
+        tok, t, cond = inputs(cfg, 32)
+        rows = {"as written": [], "in place": []}
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    for label, fn in (("as written", plain), ("in place", in_place)):
+                        transformer.quick_gelu = fn
+                        rows[label].append(best_ms(lambda: model(tok, t, cond), 5))
+        finally:
+            transformer.quick_gelu = plain
+        print(f"{name} fp32, batch 32, ms per forward (best of 5, three rounds): "
+              + "; ".join(f"{k} {' / '.join(f'{v:.0f}' for v in vs)}" for k, vs in rows.items()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    paper_bf16()
+    gelu_in_place()
+
+
+if __name__ == "__main__":
+    main()
