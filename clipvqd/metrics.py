@@ -100,7 +100,8 @@ def inception_score(logits: Any = None, splits: int = 10, *,
 
     Each part must be a random sample of the images: rows grouped by prompt
     would give each part only a few prompts' classes and a far too low score
-    (40 prompts x 16 one-hot samples: 4.0 in prompt order, 29.8 shuffled).
+    (40 prompts x 16 one-hot samples: 4.0 in prompt order, 29.8 in eval's
+    order, default_rng(0)).
     Pass ``rng`` to permute the rows with it first (torch-fidelity shuffles too)."""
     if (logits is None) == (probs is None):
         raise ValueError("give exactly one of logits or probs=")

@@ -143,6 +143,7 @@ def test_inception_score_of_rows_grouped_by_prompt_needs_the_shuffle():
     shuffled = inception_score(probs=probs, splits=10, rng=np.random.default_rng(7))
     assert shuffled == inception_score(probs=probs[order], splits=10)  # exactly: the same permutation first
     assert 25 < shuffled[0] < 40
+    assert inception_score(probs=probs, splits=10, rng=np.random.default_rng(0))[0] == pytest.approx(29.8185, abs=1e-4)
     assert inception_score(probs=probs, splits=1) == pytest.approx((40.0, 0.0))  # one part: order cannot matter
     assert inception_score(probs=probs, splits=10, rng=np.random.default_rng(7)) == shuffled  # same seed, same score
 
