@@ -59,9 +59,12 @@ class DenoiserConfig:
         return self.height * self.width
 
 
+GELU_SCALE = 1.702
+
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """GELU approximation x * sigmoid(1.702 x), as in the released code."""
-    return x * torch.sigmoid(1.702 * x)
+    return x * torch.sigmoid(GELU_SCALE * x)
 
 
 def _modulate(x: torch.Tensor, scale_shift: torch.Tensor) -> torch.Tensor:
@@ -128,7 +131,13 @@ class ConvMLP(nn.Module):
 
 
 class LinearMLP(nn.Module):
-    """Position-wise MLP: D -> ratio*D -> D, quick GELU between."""
+    """Position-wise MLP: D -> ratio*D -> D, quick GELU between.
+
+    Computed as fc2(quick_gelu(fc1(x))) with quick_gelu(h) = silu(1.702 h) / 1.702:
+    the two scalings ride on the matmuls (addmm's alpha and beta), leaving one
+    elementwise pass (in place at inference) instead of three, a sixth of a
+    fp32 forward on a CPU (SPEED.md).
+    """
 
     def __init__(self, dim: int, ratio: int):
         super().__init__()
@@ -136,7 +145,11 @@ class LinearMLP(nn.Module):
         self.fc2 = nn.Linear(ratio * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(quick_gelu(self.fc1(x)))
+        rows = x.reshape(-1, x.shape[-1])
+        h = torch.addmm(self.fc1.bias, rows, self.fc1.weight.t(), beta=GELU_SCALE, alpha=GELU_SCALE)
+        h = F.silu(h, inplace=not torch.is_grad_enabled())  # in place would lose what silu's backward needs
+        y = torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), alpha=1 / GELU_SCALE)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class Block(nn.Module):

@@ -142,3 +142,25 @@ def test_modulate_is_layer_norm_times_one_plus_scale_plus_shift():
     assert torch.allclose(got, expected, atol=1e-10)
     zero = transformer._modulate(x, torch.zeros(2, 12, dtype=torch.float64))
     assert torch.allclose(zero, normed, atol=1e-10)  # zero modulation leaves the layer norm as it is
+
+
+def test_linear_mlp_is_fc2_of_quick_gelu_of_fc1():
+    """The folded form (silu with the 1.702 scalings on addmm's alpha and beta, in place without
+    gradients) against the formula written out in float64, forward and gradients."""
+    torch.manual_seed(0)
+    mlp = transformer.LinearMLP(6, 3).double()
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+
+    def written_out(x):
+        h = x @ mlp.fc1.weight.T + mlp.fc1.bias
+        return (h * torch.sigmoid(1.702 * h)) @ mlp.fc2.weight.T + mlp.fc2.bias
+
+    want = written_out(x)
+    got = mlp(x)
+    assert got.shape == (2, 5, 6) and torch.allclose(got, want, atol=1e-12)
+    with torch.no_grad():
+        assert torch.allclose(mlp(x), want, atol=1e-12)
+    grads = torch.autograd.grad(got.square().sum(), [x, mlp.fc1.weight, mlp.fc2.bias])
+    grads_want = torch.autograd.grad(want.square().sum(), [x, mlp.fc1.weight, mlp.fc2.bias])
+    for g, w in zip(grads, grads_want):
+        assert torch.allclose(g, w, atol=1e-10)

@@ -55,7 +55,7 @@ from torch import nn
 
 from clipvqd.diffusion import Schedule
 from clipvqd.sampling import sample
-from clipvqd.transformer import Denoiser, DenoiserConfig, SelfAttention
+from clipvqd.transformer import Denoiser, DenoiserConfig, LinearMLP, SelfAttention
 
 COND_DIM = 512  # the CLIP vector
 TIMESTEPS = 100
@@ -144,8 +144,9 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) 
 # ----------------------------------------------------------------------------- FLOP counting
 
 
-def count_flops(model: nn.Module, call, attention_flops) -> int:
-    """FLOPs of ``call()``: 2*rows*in*out per nn.Linear call + ``attention_flops(module, args, kwargs)``."""
+def count_flops(model: nn.Module, call, module_flops) -> int:
+    """FLOPs of ``call()``: 2*rows*in*out per nn.Linear call + ``module_flops(module, args, kwargs)``
+    for the modules whose matmuls no nn.Linear call shows (attention, an MLP calling addmm itself)."""
     total = 0
 
     def linear_hook(module, args, _out):
@@ -153,13 +154,13 @@ def count_flops(model: nn.Module, call, attention_flops) -> int:
         x = args[0]
         total += 2 * (x.numel() // module.in_features) * module.in_features * module.out_features
 
-    def attention_hook(module, args, kwargs, _out):
+    def module_hook(module, args, kwargs, _out):
         nonlocal total
-        total += attention_flops(module, args, kwargs)
+        total += module_flops(module, args, kwargs)
 
     handles = [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
-    handles += [m.register_forward_hook(attention_hook, with_kwargs=True) for m in model.modules()
-                if attention_flops(m, None, None) is not None]
+    handles += [m.register_forward_hook(module_hook, with_kwargs=True) for m in model.modules()
+                if module_flops(m, None, None) is not None]
     try:
         with torch.no_grad():
             call()
@@ -169,12 +170,15 @@ def count_flops(model: nn.Module, call, attention_flops) -> int:
     return total
 
 
-def ours_attention_flops(module, args, kwargs):
-    if not isinstance(module, SelfAttention):
+def ours_module_flops(module, args, kwargs):
+    """QK^T and AV of our attention; fc1 and fc2 of LinearMLP (it calls addmm, not its nn.Linear children)."""
+    if not isinstance(module, (SelfAttention, LinearMLP)):
         return None
     if args is None:
         return 0
     B, L, D = args[0].shape
+    if isinstance(module, LinearMLP):
+        return 2 * 2 * B * L * D * module.fc1.out_features
     return 4 * B * L * L * D
 
 
@@ -307,7 +311,7 @@ def forward_flops(impl: str, model, size: Size, batch: int, guidance: float, dev
     if impl == "ours":
         cond = torch.randn(rows, COND_DIM, device=device)
         t = torch.full((rows,), TIMESTEPS, device=device)
-        return count_flops(model, lambda: model(tokens, t, cond), ours_attention_flops)
+        return count_flops(model, lambda: model(tokens, t, cond), ours_module_flops)
     context = torch.randn(rows, 1, COND_DIM, device=device, dtype=next(model.parameters()).dtype)
     t = torch.tensor(TIMESTEPS - 1, device=device)
     return count_flops(model, lambda: model(tokens, encoder_hidden_states=context, timestep=t),
