@@ -7,7 +7,8 @@ No nn parameters, no I/O. Everything a training step or a sampler needs:
 - forward process: :meth:`Schedule.log_q_xt_given_x0`,
   :meth:`Schedule.log_q_xt_given_xtm1`, :meth:`Schedule.q_sample`;
 - reverse step: :meth:`Schedule.log_p_prev` (one step, or the exact Δ-step
-  posterior for any ``s < t``);
+  posterior for any ``s < t``: the loss uses it), and the sampler's draw
+  :meth:`Schedule.draw_prev_given_x0` of x_s given x_t and one drawn x0;
 - training: :func:`vlb_loss` and :class:`TimestepSampler`.
 
 Conventions
@@ -60,8 +61,8 @@ def log_onehot(tokens: torch.Tensor, num_states: int, dtype=torch.float32) -> to
     return out.scatter_(1, tokens.unsqueeze(1).long(), 0.0)
 
 
-def uniform(shape, generator) -> torch.Tensor:
-    """float32 U[0, 1) numbers on the generator's device.
+def uniform(shape, generator, dtype=torch.float32) -> torch.Tensor:
+    """U[0, 1) numbers (float32 unless ``dtype``) on the generator's device.
 
     ``generator`` is one ``torch.Generator``, or a list with one generator per
     row (``shape[0]``), so that each batch row is reproducible from its own seed
@@ -70,25 +71,9 @@ def uniform(shape, generator) -> torch.Tensor:
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for {shape[0]} rows")
-        rows = [torch.rand(tuple(shape[1:]), generator=g, device=g.device) for g in generator]
+        rows = [torch.rand(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
         return torch.stack([r.to(rows[0].device) for r in rows])
-    return torch.rand(tuple(shape), generator=generator, device=generator.device)
-
-
-def sample_categorical(log_p: torch.Tensor, generator, dim: int = 1) -> torch.Tensor:
-    """Exact draw from (possibly unnormalised) log-probabilities along ``dim``.
-
-    Gumbel-max: argmax(log p + G) with G = -log(-log U), U uniform, i.e.
-    argmax(log p - log E) with E = -log U ~ Exp(1). The uniforms come from
-    ``generator`` (one, or one per row: see :func:`uniform`) on its own device,
-    moved if that differs. E is floored at
-    float32 eps, which caps G at about 16, so a log-0 (-70) class never wins.
-    (``Tensor.exponential_`` would save one op but is several times slower on CPU.)
-    """
-    u = uniform(log_p.shape, generator)
-    e = u.clamp_(min=1e-30).log_().neg_().clamp_(min=torch.finfo(torch.float32).eps)
-    e = e.to(device=log_p.device, dtype=log_p.dtype)
-    return torch.sub(log_p, e.log_()).argmax(dim=dim)
+    return torch.rand(tuple(shape), generator=generator, device=generator.device, dtype=dtype)
 
 
 class Schedule:
@@ -304,6 +289,71 @@ class Schedule:
         lik_mask = torch.where(is_mask, no_bump, torch.full_like(no_bump, LOG_ZERO))
         mask_row = self._pair("log_c", zero, s) + log_z + lik_mask
         return torch.cat([real, mask_row], dim=1).clamp(LOG_ZERO, 0.0)
+
+    def log_weights_prev_given_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t, s) -> torch.Tensor:
+        """q(x_s | x_t, x0) for one real x0 per position, as four unnormalised log weights.
+
+        Args: x0 (B, L) real tokens, x_t (B, L) tokens at time t (mask = K), t and s
+        ints or (B,) with 1 <= s < t. Returns (B, L, 4) float64:
+        [every real class (spread evenly over the K), x0, x_t, the mask].
+
+        q(x_s = k | x_t, x0) ∝ q(x_t | x_s = k) q(x_s = k | x0), and both factors
+        are "keep, replace uniformly, or mask": with (a, b, c) the keep / per-class
+        replace / mask probabilities from s to t and (A, B, C) from 0 to s,
+          x_t masked:  real k: c (A [k = x0] + B),        mask: C;
+          x_t = j:     real k: (a [k = j] + b)(A [k = x0] + B),  mask: 0.
+        Expanded: every real class K·c·B (masked) or K·b·B (real x_t); extra at x0
+        c·A, or (b + a [x0 = j])·A; extra at x_t: a·B (real x_t only); mask C (masked only).
+        So each row's weights take one of three values per position: x_t masked,
+        x_t = x0 (kept), x_t != x0 (replaced); :meth:`_prev_given_x0_cases` builds them
+        from the float64 tables.
+        """
+        cases = self._prev_given_x0_cases(t, s, x0.shape[0]).to(x0.device)  # (B, 3, 4)
+        return cases.gather(1, self._case(x0, x_t).unsqueeze(-1).expand(-1, -1, 4))
+
+    def _case(self, x0: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """(B, L) long: 0 where x_t is masked, 1 where x_t = x0, 2 where x_t is another real class."""
+        real = (x_t != self.mask_index).long()
+        return real + real * (x0 != x_t).long()
+
+    def _prev_given_x0_cases(self, t, s, batch: int) -> torch.Tensor:
+        """(B, 3, 4) float64 on the CPU: the four log weights of :meth:`log_weights_prev_given_x0`
+        for the cases masked / kept / replaced, from the float64 tables at each row's (s, t)."""
+        t = self._times(t, batch).cpu()
+        s = self._times(s, batch).cpu()
+        zero = torch.zeros_like(t)
+        f = self._f64
+        la, lb, lapb, lc = f["log_a"][s, t], f["log_b"][s, t], f["log_a_plus_b"][s, t], f["log_c"][s, t]
+        lA, lB, lC = f["log_a"][zero, s], f["log_b"][zero, s], f["log_c"][zero, s]
+        never = torch.full_like(la, float("-inf"))
+        log_k = math.log(self.num_classes)
+        masked = torch.stack([log_k + lc + lB, lc + lA, never, lC], dim=1)
+        kept = torch.stack([log_k + lb + lB, lapb + lA, la + lB, never], dim=1)
+        replaced = torch.stack([log_k + lb + lB, lb + lA, la + lB, never], dim=1)
+        return torch.stack([masked, kept, replaced], dim=1)
+
+    def draw_prev_given_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t, s, generator) -> torch.Tensor:
+        """Draw x_s ~ q(x_s | x_t, x0) for (B, L) real x0 and x_t; returns (B, L) long.
+
+        With x0 drawn from p(x0 | x_t) first, x_s is an exact draw from the reverse
+        step p(x_s | x_t) = Σ_x0 q(x_s | x_t, x0) p(x0 | x_t) (ancestral sampling
+        through x0), at O(1) cost per position instead of the O(K) marginal of
+        :meth:`log_p_prev`. Two float64 uniforms per position (from ``generator``,
+        one or one per row): one picks a part of :meth:`log_weights_prev_given_x0`,
+        the other the class of the evenly spread part. s = 0 returns x0.
+        """
+        B_, L = x0.shape
+        K = self.num_classes
+        s_ = self._times(s, B_)
+        cases = self._prev_given_x0_cases(t, s_.clamp(min=1), B_)
+        w = (cases - cases.amax(dim=-1, keepdim=True)).exp().cumsum(dim=-1)
+        cum = (w / w[..., -1:]).to(x0.device)  # (B, 3, 4) cumulative, each ending at exactly 1
+        cum = cum.gather(1, self._case(x0, x_t).unsqueeze(-1).expand(-1, -1, 4))  # (B, L, 4)
+        u = uniform((B_, L, 2), generator, torch.float64).to(x0.device)
+        part = (cum < 1 - u[..., :1]).sum(dim=-1)  # 0..3, never a part of weight 0
+        spread = (u[..., 1] * K).long().clamp_(max=K - 1)
+        x_s = torch.where(part == 0, spread, torch.where(part == 1, x0, torch.where(part == 2, x_t, self.mask_index)))
+        return torch.where((s_ == 0).view(-1, 1), x0, x_s)
 
 
 # ---------------------------------------------------------------------- loss

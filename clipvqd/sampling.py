@@ -7,10 +7,15 @@ One step at time t, going to time s < t (s = 0 at the end):
     1. log p(x0 | x_t): one forward; with guidance s != 1 the conditional and
        the unconditional (null condition) halves run batched in ONE forward;
     2. guidance  g = u + scale (c - u), renormalised over the K classes;
-    3. truncation to the top-r mass per position;
-    4. x_s ~ p(x_s | x_t) from the exact Δ-step posterior
-       (:meth:`clipvqd.diffusion.Schedule.log_p_prev`); at the last step x0 is
-       drawn from p(x0 | x_t) directly.
+    3. x0 ~ p(x0 | x_t) truncated to its top-r mass per position
+       (:func:`draw_truncated`, the set :func:`truncate` keeps);
+    4. x_s ~ q(x_s | x_t, x0) (:meth:`clipvqd.diffusion.Schedule.draw_prev_given_x0`);
+       at the last step x_s = x0.
+Steps 3-4 are ancestral sampling through x0: x_s has exactly the distribution
+of the Δ-step posterior p(x_s | x_t) = Σ_x0 q(x_s | x_t, x0) p(x0 | x_t)
+(:meth:`clipvqd.diffusion.Schedule.log_p_prev`), but costs one pass over the
+K classes for the draw instead of a sort, the posterior over K + 1 states and
+K + 1 random numbers per position (SPEED.md).
 Every random draw comes from the explicit ``generator``.
 """
 
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from clipvqd.diffusion import LOG_ZERO, Schedule, sample_categorical
+from clipvqd.diffusion import LOG_ZERO, Schedule, uniform
 from clipvqd.errors import UserError
 
 
@@ -34,72 +39,82 @@ def guide(log_cond: torch.Tensor, log_uncond: torch.Tensor, scale: float) -> tor
     if scale == 1:
         return log_cond
     g = torch.lerp(log_uncond, log_cond, float(scale))  # u + scale (c - u)
-    return (g - g.logsumexp(dim=1, keepdim=True)).clamp(LOG_ZERO, 0.0)
+    return g.sub_(g.logsumexp(dim=1, keepdim=True)).clamp_(LOG_ZERO, 0.0)
 
 
-def truncate(log_p: torch.Tensor, r: float, buckets_per_class: float | None = None, span: float = 20.0) -> torch.Tensor:
+def truncate(log_p: torch.Tensor, r: float) -> torch.Tensor:
     """Keep, per position, the fewest most-likely classes whose mass reaches ``r``.
 
     ``log_p`` is (B, K, L) normalised log-probabilities; the other classes get
-    LOG_ZERO (the kept ones are not renormalised: the posterior and Gumbel-max
-    sampling do not need it). The top class is always kept; ``r >= 1`` keeps all.
-    Classes tied exactly with the least likely kept one are kept too. The
-    result is a per-position threshold τ (the least likely kept
-    log-probability) applied with one comparison over the tensor.
+    LOG_ZERO (the kept ones are not renormalised). The top class is always
+    kept; ``r >= 1`` keeps all. Classes tied exactly with the least likely kept
+    one are kept too: the result is a per-position threshold τ (the least likely
+    kept log-probability, found by a sort) applied with one comparison.
 
-    τ comes from the classes sorted by probability. A GPU sorts all K of them.
-    On a CPU a sort or top-k over K dominated the sampling loop (SPEED.md,
-    "What changed"), so there (``buckets_per_class`` defaults to 0.25 on a CPU,
-    0 = sort everything) the classes of each position first fall into
-    ``buckets_per_class * K`` equal-width buckets of log-probability below its
-    most likely class (over its range, at most ``span`` nats; lower classes
-    share the last bucket). Bucket order is value order, so one scatter-add of
-    the probabilities and a cumulative sum over the buckets find the bucket
-    where the mass from the top reaches ``r``, and only that bucket's few
-    classes are sorted. (On a GPU, scatter-add's float atomics would make the
-    sums, and so rare boundary cases, differ between runs.)
+    This is the definition of the truncated prediction. The sampler draws from
+    it without sorting (:func:`draw_truncated`) and calls this only for the
+    rare positions that need the set itself.
     """
     if r >= 1:
         return log_p
     B, K, L = log_p.shape
-    x = log_p.transpose(1, 2).reshape(B * L, K)  # one row per position
-    if buckets_per_class is None:
-        buckets_per_class = 0.25 if x.device.type == "cpu" else 0.0
-    if buckets_per_class > 0:
-        cand, above, counts = _crossing_bucket(x, r, max(2, int(K * buckets_per_class)), span)
-    else:
-        cand, above = x, torch.zeros_like(x[:, :1])
-        counts = torch.full((x.shape[0],), K, device=x.device)
-    cand = cand.sort(dim=1, descending=True).values
-    p_cand = cand.exp()
-    n_keep = ((above + p_cand.cumsum(dim=1) - p_cand) < r).sum(dim=1, keepdim=True)
-    n_keep = torch.minimum(n_keep.clamp(min=1), counts.unsqueeze(1))  # the top class always counts
-    tau = cand.gather(1, n_keep - 1).view(B, L, 1).transpose(1, 2)  # (B, 1, L)
+    ranked = log_p.transpose(1, 2).reshape(B * L, K).sort(dim=1, descending=True).values  # one row per position
+    p = ranked.exp()
+    n_keep = ((p.cumsum(dim=1) - p) < r).sum(dim=1, keepdim=True).clamp(min=1)  # the top class always counts
+    tau = ranked.gather(1, n_keep - 1).view(B, L, 1).transpose(1, 2)  # (B, 1, L)
     return torch.where(log_p >= tau, log_p, torch.full_like(log_p, LOG_ZERO))
 
 
-def _crossing_bucket(x: torch.Tensor, r: float, nb: int, span: float):
-    """For rows ``x`` (positions, K) of log-probabilities: the classes of the bucket where the mass
-    from the top reaches ``r`` (a (positions, most per bucket) table padded with -inf), the mass of
-    the buckets above it, and how many classes it holds per row."""
-    rows_n = x.shape[0]
-    top = x.max(dim=1, keepdim=True).values
-    depth = top - x  # >= 0; 0 at the most likely class
-    width = depth.max(dim=1, keepdim=True).values.clamp(max=span)
-    scale = torch.where(width > 0, (nb - 1) / width, torch.zeros_like(width))
-    bucket = (depth * scale).clamp_(max=nb - 1).long()  # 0 holds the most likely class
-    mass = torch.zeros(rows_n, nb, dtype=x.dtype, device=x.device).scatter_add_(1, bucket, x.exp())
-    cum = mass.cumsum(dim=1)
-    # the bucket where the mass reaches r (never past the last occupied one, whatever the rounding)
-    cross = torch.minimum((cum < r).sum(dim=1, keepdim=True), bucket.max(dim=1, keepdim=True).values)
-    above = torch.where(cross > 0, cum.gather(1, (cross - 1).clamp(min=0)), torch.zeros_like(top))
-    inside = bucket == cross
-    counts = inside.sum(dim=1)
-    row, col = inside.nonzero(as_tuple=True)
-    slot = torch.arange(row.numel(), device=x.device) - (counts.cumsum(0) - counts)[row]
-    cand = torch.full((rows_n, int(counts.max())), float("-inf"), dtype=x.dtype, device=x.device)
-    cand[row, slot] = x[row, col]
-    return cand, above, counts
+def draw_truncated(log_p: torch.Tensor, r: float, generator, tries: int = 4) -> torch.Tensor:
+    """Draw x0 ~ p truncated to its top-``r`` mass (the classes :func:`truncate` keeps), renormalised.
+
+    ``log_p`` is (B, K, L) normalised log-probabilities; returns (B, L) long.
+    Exact, with no sort: draw a class from all of p by inverse CDF (a float64
+    cumulative sum, one uniform), and keep it if it is in the kept set, else
+    take the next draw. Class x is kept iff the mass of the classes strictly
+    more likely than x is below r (ties with the least likely kept class are
+    kept, and the top class always is, as in :func:`truncate`). The first kept
+    draw has the distribution of p on the set, renormalised; each draw is kept
+    with probability >= r. The uniforms for ``tries`` draws (plus one) are taken
+    up front for every position, so that each row of the batch uses the same
+    numbers from its generator whatever else happens: the first draw is checked
+    everywhere, the other tries of the (few) rejected positions together, and a
+    position with no kept draw among them is drawn from its set as
+    :func:`truncate` finds it.
+    """
+    B, K, L = log_p.shape
+    rows = B * L
+    lp = log_p.transpose(1, 2).reshape(rows, K)  # one row per position (a view for the denoiser's layout)
+    p = lp.exp()
+    cum = p.double().cumsum_(dim=1)
+    total = cum[:, -1:]
+    u = uniform((B, L, tries + 1), generator, torch.float64).to(p.device).view(rows, tries + 1)
+    picks = torch.searchsorted(cum, (1 - u[:, :tries]) * total).clamp_(max=K - 1)  # first class with cum >= target
+    out = picks[:, 0].clone()
+    if r >= 1:
+        return out.view(B, L)
+    # the first draw, everywhere: the mass strictly above p_x is Σ (p - p_x)⁺ + p_x · #{p > p_x};
+    # in place on p (large temporaries cost a CPU more in fresh pages than in arithmetic)
+    p_x = p.gather(1, picks[:, :1])
+    d = p.sub_(p_x)
+    above = (d > 0).sum(dim=1, keepdim=True, dtype=torch.float32).mul_(p_x).add_(d.clamp_(min=0).sum(dim=1, keepdim=True))
+    left = (above >= r * total).view(-1).nonzero().view(-1)
+    if left.numel() and tries > 1:  # the other tries of the rejected positions, together
+        p_left = lp[left].exp().unsqueeze(1)  # (n, 1, K)
+        more = picks[left, 1:]
+        p_x = p_left.squeeze(1).gather(1, more).unsqueeze(-1)  # (n, tries - 1, 1)
+        d = p_left - p_x
+        above = (d > 0).sum(dim=2, dtype=torch.float32).mul_(p_x.squeeze(-1)).add_(d.clamp_(min=0).sum(dim=2))
+        kept = above < r * total[left]
+        found = kept.any(dim=1)
+        first = kept.to(torch.uint8).argmax(dim=1)  # the first kept try
+        out[left[found]] = more[found, first[found]]
+        left = left[~found]
+    if left.numel():  # no kept draw: draw from the set itself
+        in_set = truncate(lp[left].unsqueeze(-1), r).squeeze(-1) > LOG_ZERO
+        cum = torch.where(in_set, lp[left].exp(), 0.0).double().cumsum_(dim=1)
+        out[left] = torch.searchsorted(cum, (1 - u[left, tries:]) * cum[:, -1:]).clamp_(max=K - 1).view(-1)
+    return out.view(B, L)
 
 
 def timestep_subset(timesteps: int, steps: int) -> list[int]:
@@ -118,6 +133,12 @@ def timestep_subset(timesteps: int, steps: int) -> list[int]:
 @torch.no_grad()
 def predict_x0(denoiser, x_t, t, cond, guidance: float = 1.0, truncation: float = 1.0, null_cond=None):
     """Guided, truncated log p(x0 | x_t) (B, K, L) float32; one denoiser forward."""
+    return truncate(guided_log_x0(denoiser, x_t, t, cond, guidance, null_cond), truncation)
+
+
+@torch.no_grad()
+def guided_log_x0(denoiser, x_t, t, cond, guidance: float = 1.0, null_cond=None):
+    """Guided log p(x0 | x_t) (B, K, L) float32; one denoiser forward."""
     if guidance == 1:
         log_p = denoiser(x_t, t, cond).float()
     else:
@@ -130,7 +151,7 @@ def predict_x0(denoiser, x_t, t, cond, guidance: float = 1.0, truncation: float 
         # clamped copies cost a CPU 6-8 ms a step at the small size (new pages for every copy), this 0.3 ms
         both.clamp_(min=LOG_ZERO)
         log_p = guide(both[:B], both[B:], guidance)
-    return truncate(log_p, truncation)
+    return log_p
 
 
 @torch.no_grad()
@@ -177,11 +198,9 @@ def sample(
     for i, t in enumerate(times):
         s = times[i + 1] if i + 1 < len(times) else 0
         tt = torch.full((B,), t, dtype=torch.long, device=device)
-        log_x0 = predict_x0(denoiser, x, tt, cond, guidance, truncation, null_cond)
+        log_x0 = guided_log_x0(denoiser, x, tt, cond, guidance, null_cond)
         if log_x0.shape[1] != K:
             raise ValueError(f"denoiser predicts {log_x0.shape[1]} classes, schedule has {K}")
-        if s == 0:
-            x = sample_categorical(log_x0, generator)  # x0 ~ p(x0 | x_t): real classes only
-        else:
-            x = sample_categorical(schedule.log_p_prev(log_x0, x, tt, s=s), generator)
+        x0 = draw_truncated(log_x0, truncation, generator)
+        x = x0 if s == 0 else schedule.draw_prev_given_x0(x0, x, tt, s, generator)
     return x

@@ -4,7 +4,7 @@ transition matrices in float64, plus the loss and the timestep sampler."""
 import pytest
 import torch
 
-from clipvqd.diffusion import LOG_ZERO, Schedule, TimestepSampler, log_onehot, sample_categorical, vlb_loss
+from clipvqd.diffusion import LOG_ZERO, Schedule, TimestepSampler, log_onehot, vlb_loss
 from clipvqd.errors import UserError
 
 K, T, L = 5, 8, 3
@@ -146,6 +146,47 @@ def test_posteriors_equal_dense_bayes(name):
                 assert torch.allclose(got.exp().sum(1)[reachable], torch.ones(1, dtype=torch.float64), rtol=1e-9)
             if s == t - 1:  # default s is one step
                 assert torch.equal(sch.log_p_prev(log_p, x_t, t), sch.log_p_prev(log_p, x_t, t, s=t - 1))
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_posterior_given_one_x0_equals_dense_bayes(name):
+    """q(x_s | x_t, x0) for one x0, from the four weights, against dense matrices: every pair
+    (x_t, x0) at every 1 <= s < t."""
+    sch, mats = schedule(name), dense_step(SETTINGS[name])
+    pairs = [(j, i) for j in range(K + 1) for i in range(K)]
+    x_t = torch.tensor([[j for j, _ in pairs]])
+    x0 = torch.tensor([[i for _, i in pairs]])
+    for t in range(2, T + 1):
+        for s in range(1, t):
+            Qs, Qst, Qt = dense_from_to(mats, 0, s), dense_from_to(mats, s, t), dense_from_to(mats, 0, t)
+            w = sch.log_weights_prev_given_x0(x0, x_t, t, s).exp()[0]  # (pairs, 4)
+            assert w.dtype == torch.float64
+            for n, (j, i) in enumerate(pairs):
+                want = Qs[i, :] * Qst[:, j] / Qt[i, j]
+                got = torch.zeros(K + 1, dtype=torch.float64)
+                got[:K] = w[n, 0] / K  # spread over the real classes
+                got[i] += w[n, 1]
+                got[j] += w[n, 2]  # 0 when x_t is the mask
+                got[K] += w[n, 3]  # 0 when x_t is real
+                got = got / got.sum()
+                assert torch.allclose(got, want, rtol=1e-9, atol=1e-15), (t, s, j, i)
+
+
+def test_draw_given_one_x0_frequencies_and_seed():
+    sch, mats = schedule("replace"), dense_step(SETTINGS["replace"])
+    N = 40000
+    for t, s, j, i in [(8, 3, K, 1), (8, 7, K, 4), (5, 2, 2, 2), (5, 2, 3, 0), (2, 1, 0, 4)]:
+        x_t, x0 = torch.full((1, N), j), torch.full((1, N), i)
+        draws = sch.draw_prev_given_x0(x0, x_t, t, s, torch.Generator().manual_seed(t * 10 + s))
+        freq = torch.bincount(draws.view(-1), minlength=K + 1).double() / N
+        Qs, Qst, Qt = dense_from_to(mats, 0, s), dense_from_to(mats, s, t), dense_from_to(mats, 0, t)
+        want = Qs[i, :] * Qst[:, j] / Qt[i, j]
+        assert (freq - want).abs().max() < 5 * (want * (1 - want) / N).sqrt().max() + 1e-3, (t, s, j, i)
+        assert (freq[want == 0] == 0).all()
+    x_t, x0 = random_xt(4, torch.Generator().manual_seed(1)), torch.randint(0, K, (4, L))
+    a = sch.draw_prev_given_x0(x0, x_t, 6, 2, torch.Generator().manual_seed(3))
+    assert torch.equal(a, sch.draw_prev_given_x0(x0, x_t, 6, 2, torch.Generator().manual_seed(3)))
+    assert torch.equal(sch.draw_prev_given_x0(x0, x_t, 6, 0, torch.Generator().manual_seed(3)), x0)  # s = 0: x0
 
 
 def test_posterior_with_batched_times():
@@ -304,17 +345,6 @@ def test_timestep_sampler_state_round_trip_and_determinism():
     assert not torch.equal(a[0], c[0])
     with pytest.raises(UserError):
         TimestepSampler(8).load_state_dict(state)
-
-
-def test_sample_categorical_frequencies_and_seed():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
-    log_p = probs.log().clamp(min=LOG_ZERO).view(1, 5, 1).expand(1, 5, 20000)
-    draws = sample_categorical(log_p, torch.Generator().manual_seed(0))
-    freq = torch.bincount(draws.view(-1), minlength=5).float() / 20000
-    assert (freq - probs).abs().max() < 0.015 and freq[4] == 0
-    # unnormalised input gives the same draws (Gumbel-max is shift invariant)
-    again = sample_categorical(log_p - 3.0, torch.Generator().manual_seed(0))
-    assert torch.equal(draws, again)
 
 
 def test_loss_backpropagates():

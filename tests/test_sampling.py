@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from clipvqd.diffusion import Schedule, sample_categorical
+from clipvqd.diffusion import Schedule
 from clipvqd.errors import UserError
-from clipvqd.sampling import guide, predict_x0, sample, timestep_subset, truncate
+from clipvqd.sampling import draw_truncated, guide, guided_log_x0, predict_x0, sample, timestep_subset, truncate
 from clipvqd.transformer import Denoiser, DenoiserConfig
 
 K, L, C = 7, 6, 4
@@ -72,13 +72,12 @@ def test_guidance_ignores_differences_below_log_zero():
 @pytest.mark.parametrize("r", [0.01, 0.3, 0.5, 0.9, 0.99])
 @pytest.mark.parametrize("K_", [5, 300, 2048])
 @pytest.mark.parametrize("spread", [0.0, 0.05, 2.0, 8.0, "mixed"])  # uniform, flat, medium, peaked, per position
-@pytest.mark.parametrize("buckets", [None, 0.0, 1.0])  # the CPU default (0.25 x K), a full sort (GPUs), more
-def test_truncate_brute_force(r, K_, spread, buckets):
+def test_truncate_brute_force(r, K_, spread):
     """Against a float64 sort: the fewest most likely classes whose mass reaches r."""
     g = torch.Generator().manual_seed(1)
     scale = torch.rand(2, 1, 9, generator=g) * 8 if spread == "mixed" else spread
     log_p = (torch.randn(2, K_, 9, generator=g) * scale).log_softmax(1)
-    out = truncate(log_p, r, buckets_per_class=buckets)
+    out = truncate(log_p, r)
     for b in range(2):
         for l in range(9):
             p = log_p[b, :, l].double().exp()
@@ -90,15 +89,15 @@ def test_truncate_brute_force(r, K_, spread, buckets):
             assert set(kept.nonzero().view(-1).tolist()) == keep
             assert torch.equal(out[b, kept, l], log_p[b, kept, l])
             assert int(p.argmax()) in keep and float(p[kept].sum()) >= r - 1e-6
-    assert torch.equal(truncate(log_p, 1.0, buckets_per_class=buckets), log_p)
+    assert torch.equal(truncate(log_p, 1.0), log_p)
     # r <= 0 still keeps exactly the top class (all of them when every class ties)
-    only_top = (truncate(log_p, 0.0, buckets_per_class=buckets) > -70).sum(1)
+    only_top = (truncate(log_p, 0.0) > -70).sum(1)
     assert torch.equal(only_top, torch.full((2, 9), K_ if spread == 0.0 else 1))
 
 
 def test_truncate_in_the_models_layout_and_with_a_deep_tail():
     """(B, K, L) views of a (B, L, K) tensor (the denoiser's output) and classes far
-    below the top (past the buckets' 20-nat span) give the same sets as a float64 sort."""
+    below the top (30 nats) give the same sets as a float64 sort."""
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(3, 7, 64, generator=g) * 3
     logits[:, :, :20] -= 30  # a tail 30 nats down
@@ -112,6 +111,52 @@ def test_truncate_in_the_models_layout_and_with_a_deep_tail():
                 sorted_p, order = p.sort(descending=True)
                 n = int(((sorted_p.cumsum(0) - sorted_p) < r).sum().clamp(min=1))
                 assert set((out[b, :, l] > -70).nonzero().view(-1).tolist()) == set(order[:n].tolist())
+
+
+def kept_set(log_p_column: torch.Tensor, r: float) -> torch.Tensor:
+    """Brute force in float64: the fewest most likely classes whose mass reaches r, plus ties (a bool mask)."""
+    p = log_p_column.double().exp()
+    sorted_p, order = p.sort(descending=True)
+    n = int(((sorted_p.cumsum(0) - sorted_p) < r).sum().clamp(min=1))
+    return log_p_column >= log_p_column[order[n - 1]]
+
+
+@pytest.mark.parametrize("r", [0.05, 0.3, 0.9, 1.0])
+@pytest.mark.parametrize("spread", [0.0, 0.05, 2.0, 8.0])
+@pytest.mark.parametrize("tries", [1, 4])
+def test_draw_truncated_has_the_truncated_distribution(r, spread, tries):
+    """Every draw lies in truncate's set, and the draws' frequencies are p on that set, renormalised
+    (binomial bounds). tries=1 with a small r sends most positions to the fallback draw."""
+    g = torch.Generator().manual_seed(4)
+    K_, N = 12, 30000
+    column = torch.randn(K_, generator=g) * spread
+    column[3] = column[5]  # a tie
+    column = column.log_softmax(0)
+    log_p = column.view(1, K_, 1).expand(2, K_, N // 2)
+    draws = draw_truncated(log_p, r, torch.Generator().manual_seed(1), tries=tries)
+    assert draws.shape == (2, N // 2) and draws.dtype == torch.long
+    keep = kept_set(column, r) if r < 1 else torch.ones(K_, dtype=torch.bool)
+    assert keep.equal(truncate(column.view(1, K_, 1), r)[0, :, 0] > -70)
+    freq = torch.bincount(draws.view(-1), minlength=K_).double() / N
+    assert (freq[~keep] == 0).all()
+    want = torch.where(keep, column.double().exp(), 0.0)
+    want = want / want.sum()
+    assert (freq - want).abs().max() < 5 * (want * (1 - want) / N).sqrt().max() + 1e-3
+    again = draw_truncated(log_p, r, torch.Generator().manual_seed(1), tries=tries)
+    assert torch.equal(draws, again)
+
+
+def test_draw_truncated_per_position_sets():
+    """Positions with different distributions (the model's (B, L, K) layout seen as (B, K, L)): each
+    draw lies in its own position's set."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 50, 300, generator=g) * torch.rand(3, 50, 1, generator=g) * 8
+    log_p = logits.log_softmax(-1).transpose(1, 2)
+    for r in (0.2, 0.9):
+        draws = draw_truncated(log_p, r, torch.Generator().manual_seed(2), tries=2)
+        for b in range(3):
+            for l in range(50):
+                assert kept_set(log_p[b, :, l], r)[draws[b, l]]
 
 
 def test_timestep_subset():
@@ -194,14 +239,42 @@ def test_delta_step_with_all_steps_equals_one_step_loop():
     d = RandomDenoiser()
     cond = torch.randn(B, C, generator=torch.Generator().manual_seed(99))
     fast = sample(d, sch, cond, L, steps=T, generator=torch.Generator().manual_seed(5))
-    # the textbook loop: one-step posterior at t = T..2, then x0 ~ p(x0 | x_1)
+    # the textbook loop: x0 ~ p(x0 | x_t), then x_{t-1} ~ q(x_{t-1} | x_t, x0) at t = T..2, x0 itself at t = 1
     g = torch.Generator().manual_seed(5)
     x = torch.full((B, L), K)
     for t in range(T, 0, -1):
         tt = torch.full((B,), t)
-        log_x0 = d(x, tt, cond)
-        x = sample_categorical(log_x0 if t == 1 else sch.log_p_prev(log_x0, x, tt), g)
+        x0 = draw_truncated(d(x, tt, cond), 1.0, g)
+        x = x0 if t == 1 else sch.draw_prev_given_x0(x0, x, tt, t - 1, g)
     assert torch.equal(fast, x)
+
+
+@pytest.mark.parametrize("steps, guidance, truncation", [(4, 1.0, 1.0), (4, 3.0, 0.6), (2, 2.0, 0.9)])
+def test_sampler_distribution_equals_the_exact_reverse_chain(steps, guidance, truncation):
+    """The whole sampler against brute force: with one position (L = 1) the reverse chain has K + 1
+    states, and its exact law is a product of the posterior matrices p(x_s | x_t) (log_p_prev, itself
+    checked against dense Bayes) from the guided, truncated prediction. 24,000 independent samples
+    (one condition repeated) must match the final distribution (binomial bounds)."""
+    T, N = 6, 24000
+    sch = Schedule(K, T, keep_start=0.9, keep_end=0.05, mask_start=0.05, mask_end=0.9)  # replacement matters
+    d = RandomDenoiser(seed=3)
+    cond = torch.randn(1, C, generator=torch.Generator().manual_seed(7))
+    null = torch.zeros(C)
+    draws = sample(d, sch, cond.expand(N, C), 1, steps=steps, guidance=guidance, truncation=truncation,
+                   generator=torch.Generator().manual_seed(11), null_cond=null)
+    freq = torch.bincount(draws.view(-1), minlength=K).double() / N
+    law = torch.zeros(K + 1, dtype=torch.float64)
+    law[K] = 1.0  # all-mask at T
+    times = timestep_subset(T, steps) + [0]
+    states = torch.arange(K + 1).view(K + 1, 1)  # every state of the one position, as a batch
+    for t, s_ in zip(times, times[1:]):
+        tt = torch.full((K + 1,), t)
+        log_x0 = predict_x0(d, states, tt, cond.expand(K + 1, C), guidance, truncation, null)
+        step = sch.to(dtype=torch.float64).log_p_prev(log_x0.double(), states, tt, s=s_).exp()[:, :, 0]  # (from, to)
+        law = law @ (step / step.sum(1, keepdim=True))
+    assert law[K] < 1e-12  # nothing left masked
+    want = law[:K]
+    assert (freq - want).abs().max() < 5 * (want * (1 - want) / N).sqrt().max() + 2e-3
 
 
 def test_sample_with_a_real_denoiser():
