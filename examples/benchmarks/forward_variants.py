@@ -8,9 +8,11 @@
    weight-cast cache then holds), and a bf16 copy of the weights. Best of 3
    each, interleaved. Then torch.profiler's time in ``aten::addmm`` per forward
    (one context), against the whole forward.
-2. Quick GELU as written (``x * sigmoid(1.702 x)``) against the same ops in
-   place (``x.mul(1.702).sigmoid_().mul_(x)``, the same bits) in the tiny and
-   small fp32 forwards (batch 32), best of 5, three interleaved rounds.
+2. The linear MLP with quick GELU as written (``fc2(h * sigmoid(1.702 h))``,
+   ``h = fc1(x)``: three elementwise passes) against the code's folded form
+   (one in-place silu, the scalings on addmm's alpha and beta) in the tiny
+   and small forwards (batch 32), fp32 and bf16, best of 5, three
+   interleaved rounds.
 """
 
 from __future__ import annotations
@@ -75,28 +77,29 @@ def paper_bf16() -> None:
     print(f"  profiled (one context): aten::addmm {addmm:.0f} ms of {total:.0f} ms of CPU time per forward")
 
 
-def gelu_in_place() -> None:
-    plain = transformer.quick_gelu
+def gelu_folded() -> None:
+    folded = transformer.LinearMLP.forward
 
-    def in_place(x):
-        return x.mul(1.702).sigmoid_().mul_(x)
+    def written_out(self, x):
+        return self.fc2(transformer.quick_gelu(self.fc1(x)))
 
     for name, cfg in (("tiny", DenoiserConfig(256, 8, 8, 4, 128, 4, mlp="linear", cond_dim=512)),
                       ("small", DenoiserConfig(1024, 8, 8, 8, 256, 8, mlp="linear", cond_dim=512))):
         torch.manual_seed(0)
         model = Denoiser(cfg).eval()
         tok, t, cond = inputs(cfg, 32)
-        rows = {"as written": [], "in place": []}
-        try:
-            with torch.no_grad():
-                for _ in range(3):
-                    for label, fn in (("as written", plain), ("in place", in_place)):
-                        transformer.quick_gelu = fn
-                        rows[label].append(best_ms(lambda: model(tok, t, cond), 5))
-        finally:
-            transformer.quick_gelu = plain
-        print(f"{name} fp32, batch 32, ms per forward (best of 5, three rounds): "
-              + "; ".join(f"{k} {' / '.join(f'{v:.0f}' for v in vs)}" for k, vs in rows.items()))
+        for dtype in ("fp32", "bf16"):
+            rows = {"written out": [], "folded (the code)": []}
+            try:
+                with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16"):
+                    for _ in range(3):
+                        for label, fn in (("written out", written_out), ("folded (the code)", folded)):
+                            transformer.LinearMLP.forward = fn
+                            rows[label].append(best_ms(lambda: model(tok, t, cond), 5))
+            finally:
+                transformer.LinearMLP.forward = folded
+            print(f"{name} {dtype}, batch 32, ms per forward (best of 5, three rounds): "
+                  + "; ".join(f"{k} {' / '.join(f'{v:.0f}' for v in vs)}" for k, vs in rows.items()))
 
 
 def main() -> None:
@@ -105,7 +108,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     paper_bf16()
-    gelu_in_place()
+    gelu_folded()
 
 
 if __name__ == "__main__":
