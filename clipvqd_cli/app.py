@@ -232,6 +232,9 @@ def demo(directory: Path = typer.Argument(Path("clipvqd-demo"), help="project fo
 
 
 def main() -> None:
+    from clipvqd.allocator import keep_freed_memory
+
+    keep_freed_memory()  # large tensors reuse freed memory instead of faulting in fresh pages
     app()
 
 

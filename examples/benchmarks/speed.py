@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipvqd.allocator import keep_freed_memory
 from clipvqd.diffusion import Schedule
 from clipvqd.sampling import sample
 from clipvqd.transformer import Denoiser, DenoiserConfig, LinearMLP, SelfAttention
@@ -428,9 +429,23 @@ def paper_training_steps(device: torch.device, dtype: str, batch: int, steps: in
 # ----------------------------------------------------------------------------- report
 
 
-def machine() -> dict:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux) and whether it has AMX or AVX512-BF16."""
+    name = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        text = open("/proc/cpuinfo").read()
+        names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+        name = names[0] if names else name
+        flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+        extras = [f for f in ("amx_bf16", "avx512_bf16") if f" {f}" in flags]
+        name += f" ({', '.join(extras) if extras else 'no native bf16'})"
+    return name
+
+
+def machine(default_malloc: bool = False) -> dict:
     info = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(), "cpu": platform.processor()}
+            "python": platform.python_version(), "threads": torch.get_num_threads(), "cpu": cpu_name(),
+            "malloc": "glibc default" if default_malloc else "keep freed memory (as the CLI)"}
     try:
         import diffusers
 
@@ -448,7 +463,8 @@ def markdown(result: dict) -> str:
     lines = []
     m = result["machine"]
     lines.append(f"Date {m['date_utc']}; torch {m['torch']}, diffusers {m.get('diffusers')}; device "
-                 f"{result['device']}{' (' + m['gpu'] + ')' if 'gpu' in m else ''}; threads {m['threads']}; "
+                 f"{result['device']}{' (' + m['gpu'] + ')' if 'gpu' in m else ''}; CPU {m.get('cpu')}; "
+                 f"threads {m['threads']}; malloc: {m.get('malloc')}; "
                  f"load average before {m.get('loadavg')}, after {result.get('loadavg_after')}.")
     peak = result.get("peak_gflops", {})
     if peak:
@@ -532,8 +548,12 @@ def main(argv=None) -> None:
     p.add_argument("--profile", default="", help="only print torch.profiler's table of our loop, e.g. 'small:bf16:3'")
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
     p.add_argument("--markdown", type=Path, default=None, help="also write the tables here")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (default: keep freed memory, as the clipvqd CLI does)")
     args = p.parse_args(argv)
 
+    if not args.default_malloc:
+        keep_freed_memory()  # the CLI's allocator policy, for both samplers (one process)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -543,7 +563,7 @@ def main(argv=None) -> None:
     if args.profile:
         print(profile_ours(args.profile, device))
         return
-    result = {"device": str(device), "machine": machine(), "argv": sys.argv[1:] if argv is None else argv}
+    result = {"device": str(device), "machine": machine(args.default_malloc), "argv": sys.argv[1:] if argv is None else argv}
     dtypes = [d for d in args.dtypes.split(",") if d]
     result["peak_gflops"] = {d: matmul_peak(device, torch.float32 if d == "fp32" else torch.bfloat16,
                                             args.peak_seconds) for d in ("fp32", "bf16")}
