@@ -294,7 +294,7 @@ class Schedule:
         """q(x_s | x_t, x0) for one real x0 per position, as four unnormalised log weights.
 
         Args: x0 (B, L) real tokens, x_t (B, L) tokens at time t (mask = K), t and s
-        ints or (B,) with 1 <= s < t. Returns (B, L, 4) float64:
+        ints or (B,) with 1 <= s < t. Returns (B, L, 4) in the working dtype:
         [every real class (spread evenly over the K), x0, x_t, the mask].
 
         q(x_s = k | x_t, x0) ∝ q(x_t | x_s = k) q(x_s = k | x0), and both factors
@@ -305,10 +305,9 @@ class Schedule:
         Expanded: every real class K·c·B (masked) or K·b·B (real x_t); extra at x0
         c·A, or (b + a [x0 = j])·A; extra at x_t: a·B (real x_t only); mask C (masked only).
         So each row's weights take one of three values per position: x_t masked,
-        x_t = x0 (kept), x_t != x0 (replaced); :meth:`_prev_given_x0_cases` builds them
-        from the float64 tables.
+        x_t = x0 (kept), x_t != x0 (replaced); :meth:`_prev_given_x0_cases` builds them.
         """
-        cases = self._prev_given_x0_cases(t, s, x0.shape[0]).to(x0.device)  # (B, 3, 4)
+        cases = self._prev_given_x0_cases(t, s, x0.shape[0])  # (B, 3, 4)
         return cases.gather(1, self._case(x0, x_t).unsqueeze(-1).expand(-1, -1, 4))
 
     def _case(self, x0: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
@@ -317,14 +316,17 @@ class Schedule:
         return real + real * (x0 != x_t).long()
 
     def _prev_given_x0_cases(self, t, s, batch: int) -> torch.Tensor:
-        """(B, 3, 4) float64 on the CPU: the four log weights of :meth:`log_weights_prev_given_x0`
-        for the cases masked / kept / replaced, from the float64 tables at each row's (s, t)."""
-        t = self._times(t, batch).cpu()
-        s = self._times(s, batch).cpu()
+        """(B, 3, 4): the four log weights of :meth:`log_weights_prev_given_x0` for the cases
+        masked / kept / replaced, at each row's (s, t), in the working dtype and device."""
+        t = self._times(t, batch)
+        s = self._times(s, batch)
         zero = torch.zeros_like(t)
-        f = self._f64
-        la, lb, lapb, lc = f["log_a"][s, t], f["log_b"][s, t], f["log_a_plus_b"][s, t], f["log_c"][s, t]
-        lA, lB, lC = f["log_a"][zero, s], f["log_b"][zero, s], f["log_c"][zero, s]
+
+        def pair(name, s_, t_):
+            return getattr(self, name)[s_, t_]
+
+        la, lb, lapb, lc = pair("log_a", s, t), pair("log_b", s, t), pair("log_a_plus_b", s, t), pair("log_c", s, t)
+        lA, lB, lC = pair("log_a", zero, s), pair("log_b", zero, s), pair("log_c", zero, s)
         never = torch.full_like(la, float("-inf"))
         log_k = math.log(self.num_classes)
         masked = torch.stack([log_k + lc + lB, lc + lA, never, lC], dim=1)
@@ -346,14 +348,93 @@ class Schedule:
         K = self.num_classes
         s_ = self._times(s, B_)
         cases = self._prev_given_x0_cases(t, s_.clamp(min=1), B_)
-        w = (cases - cases.amax(dim=-1, keepdim=True)).exp().cumsum(dim=-1)
-        cum = (w / w[..., -1:]).to(x0.device)  # (B, 3, 4) cumulative, each ending at exactly 1
+        w = (cases - cases.amax(dim=-1, keepdim=True)).double().exp().cumsum(dim=-1)
+        cum = w / w[..., -1:]  # (B, 3, 4) cumulative, each ending at exactly 1
         cum = cum.gather(1, self._case(x0, x_t).unsqueeze(-1).expand(-1, -1, 4))  # (B, L, 4)
         u = uniform((B_, L, 2), generator, torch.float64).to(x0.device)
         part = (cum < 1 - u[..., :1]).sum(dim=-1)  # 0..3, never a part of weight 0
         spread = (u[..., 1] * K).long().clamp_(max=K - 1)
         x_s = torch.where(part == 0, spread, torch.where(part == 1, x0, torch.where(part == 2, x_t, self.mask_index)))
         return torch.where((s_ == 0).view(-1, 1), x0, x_s)
+
+
+    def pick(self, log_x0: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """log p(x0 | x_t) at the true x0 and at x_t (any class where masked), (B, 2, L), in one gather."""
+        index = torch.stack([x0.long(), x_t.clamp(max=self.num_classes - 1).long()], dim=1)
+        return log_x0.gather(1, index)
+
+    def posterior_kl(self, log_x0: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t, s=None, picked=None) -> torch.Tensor:
+        """KL(q(x_s | x_t, x0) ‖ p(x_s | x_t)) per position, (B, L), in closed form.
+
+        ``log_x0`` (B, K, L) is the prediction log p(x0 | x_t), normalised over K;
+        p(x_s | x_t) is its posterior (:meth:`log_p_prev`), q the true one for the
+        real tokens ``x0`` (B, L). ``t`` int or (B,), 1 <= s < t (default t - 1).
+
+        Neither posterior is built over the K + 1 states. Per position, with
+        (a, b, c) the step s -> t, (A, B, C) the step 0 -> s, p = exp(log_x0):
+          x_t masked:  p(x_s = k) = c (A p_k + B) / N for real k, C / N for the
+                       mask, N = c (1 - C) + C;
+          x_t = j:     with w = p / q(x_t | x0) normalised, w_k = ρ p_k (k != j),
+                       w_j = ρ p_j B_t / (A_t + B_t), 1/ρ = (1 - p_j) + p_j B_t / (A_t + B_t):
+                       p(x_s = k) = b (A w_k + B) / N (k != j), (a + b)(A w_j + B) / N at j,
+                       0 at the mask, N = b (1 - C) + a (A w_j + B).
+        So every real class but the special ones (x0, x_t) has p(x_s = k) =
+        β (1 + (α/β) p_k) / N with per-position α, β, and q the same value u = β / Z
+        there (:meth:`log_weights_prev_given_x0`, Z its normaliser). The KL is
+        u [(K - n) log(N / Z) - Σ_generic log(1 + (α/β) p_k)] plus the special classes'
+        terms: a few passes over the K classes forward and back, no gather from them
+        but ``picked``, log p(x0 | x_t) at (x0, x_t) as (B, 2, L): pass it when the caller
+        has gathered it anyway (the loss's nll), so that its backward scatters once.
+        """
+        B_, K, L = log_x0.shape
+        t = self._times(t, B_)
+        s = t - 1 if s is None else self._times(s, B_)
+        zero = torch.zeros_like(t)
+
+        def pair(name, s_, t_):
+            return getattr(self, name)[s_, t_].view(-1, 1)  # (B, 1)
+
+        la, lb, lapb, lc = pair("log_a", s, t), pair("log_b", s, t), pair("log_a_plus_b", s, t), pair("log_c", s, t)
+        lA, lB, lC, l1mC = pair("log_a", zero, s), pair("log_b", zero, s), pair("log_c", zero, s), pair("log_1m_c", zero, s)
+        log_share_b = pair("log_b", zero, t) - pair("log_a_plus_b", zero, t)  # log B_t / (A_t + B_t)
+
+        log_x0 = log_x0.to(self.dtype)
+        masked = x_t == self.mask_index  # (B, L)
+        if picked is None:
+            picked = self.pick(log_x0, x0, x_t)
+        lp_0, lp_j = picked[:, 0].to(self.dtype), picked[:, 1].to(self.dtype)  # (B, L); lp_j meaningless where masked
+        # real x_t: ρ and w_j, with 1 - p_j as -expm1(log p_j) (exact near p_j = 1)
+        log_rho = -torch.log(-torch.expm1(lp_j) + lp_j.exp() * log_share_b.exp())
+        log_wj_term = torch.logaddexp(lA + lp_j + log_rho + log_share_b, lB)  # log(A w_j + B)
+        log_alpha = torch.where(masked, lc + lA, lb + lA + log_rho)
+        log_beta = torch.where(masked, lc + lB, lb + lB)
+        log_n = torch.where(masked, torch.logaddexp(lc + l1mC, lC), torch.logaddexp(lb + l1mC, la + log_wj_term))
+        # the pass over the classes: log(1 + (α/β) p_k) (torch's log1p is ten times slower than log on a CPU)
+        ratio = (log_alpha - log_beta).exp()
+        lift_sum = torch.addcmul(torch.ones((), dtype=self.dtype), ratio.unsqueeze(1), log_x0.exp()).log().sum(dim=1)
+        lift_0 = torch.log(1 + ratio * lp_0.exp())
+        lift_j = torch.log(1 + ratio * lp_j.exp())
+
+        # q: its four parts per position, normalised (Z)
+        case = self._case(x0, x_t)
+        log_w = self._prev_given_x0_cases(t, s, B_).gather(1, case.unsqueeze(-1).expand(-1, -1, 4))  # (B, L, 4)
+        log_z = torch.logsumexp(log_w, dim=-1)
+        q = (log_w - log_z.unsqueeze(-1)).exp()
+        u, e0, ej = q[..., 0] / K, q[..., 1], q[..., 2]
+        kept, replaced = case == 1, case == 2
+        log_nz = log_n - log_z  # log(N / Z)
+
+        # log p(x_s = ·) at the special classes
+        log_p_j = lapb + log_wj_term - log_n  # x_t = j, real
+        log_p_0 = torch.where(kept, log_p_j, log_beta + lift_0 - log_n)
+        n_special = 1 + replaced.to(self.dtype)
+        generic_lift = lift_sum - lift_0 - torch.where(replaced, lift_j, torch.zeros_like(lift_j))
+        kl = u * ((K - n_special) * log_nz - generic_lift)
+        q_0 = u + e0 + torch.where(kept, ej, torch.zeros_like(ej))
+        kl = kl + torch.xlogy(q_0, q_0) - q_0 * log_p_0
+        q_j = u + ej
+        # (the mask adds nothing: where x_t is masked, N = Z and q and p give it the same C / N)
+        return kl + torch.where(replaced, torch.xlogy(q_j, q_j) - q_j * log_p_j, torch.zeros_like(q_j))
 
 
 # ---------------------------------------------------------------------- loss
@@ -393,10 +474,9 @@ def vlb_loss(
     B, K, L = log_x0_pred.shape
     t = schedule._times(t, B)
     log_x0_pred = log_x0_pred.to(schedule.dtype)
-    log_true = schedule.log_p_prev(log_onehot(x0, K, schedule.dtype), x_t, t)
-    log_model = schedule.log_p_prev(log_x0_pred, x_t, t)
-    kl = (log_true.exp() * (log_true - log_model)).sum(dim=1)  # (B, L)
-    nll = -log_x0_pred.gather(1, x0.long().unsqueeze(1)).squeeze(1)  # (B, L)
+    picked = schedule.pick(log_x0_pred, x0, x_t)  # at x0 and x_t: one gather (and one scatter back)
+    kl = schedule.posterior_kl(log_x0_pred, x0, x_t, t, picked=picked)  # (B, L); meaningless where t = 1
+    nll = -picked[:, 0]  # (B, L)
     vlb_b = torch.where((t == 1).view(B, 1), nll, kl).sum(dim=1)
     aux_b = nll.sum(dim=1)
     factor = 2.0 - (t - 1).to(log_x0_pred.dtype) / schedule.timesteps

@@ -307,6 +307,32 @@ def test_loss_terms_match_hand_computation():
     assert abs(float(terms["loss"]) - float(total) / (B * L)) < 1e-6 * abs(float(total))
 
 
+@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("sharpness", [1.0, 30.0])  # spread predictions, and nearly one-hot ones (p_j -> 1)
+def test_posterior_kl_and_its_gradient_equal_the_dense_reference(name, sharpness):
+    """The closed-form KL against Σ q (log q - log p) of the dense Bayes posteriors, at every t > 1
+    and both kinds of x_t, and its gradient against autograd through the dense reference."""
+    sch, mats = schedule(name), dense_step(SETTINGS[name])
+    gen = torch.Generator().manual_seed(8)
+    B = 3
+    for t in range(2, T + 1):
+        x0 = torch.randint(0, K, (B, L), generator=gen)
+        x_t = random_xt(B, gen, mask_share=0.5)
+        x_t[0, 0] = x0[0, 0]  # a kept token and (likely) a replaced one
+        logits = (torch.randn(B, K, L, generator=gen, dtype=torch.float64) * sharpness).requires_grad_()
+        log_pred = logits.log_softmax(1)
+        got = sch.posterior_kl(log_pred, x0, x_t, t)
+        onehot = torch.nn.functional.one_hot(x0, K).permute(0, 2, 1).double()
+        q = dense_posterior(mats, onehot, x_t, t, t - 1)
+        p = dense_posterior(mats, log_pred.exp(), x_t, t, t - 1)
+        want = torch.where(q > 0, q * (q.clamp(min=1e-300).log() - p.clamp(min=1e-300).log()), 0.0).sum(1)
+        assert torch.allclose(got, want, rtol=1e-7, atol=1e-12), (t, (got - want).abs().max())
+        weights = torch.randn(B, L, generator=gen, dtype=torch.float64)
+        g_got, = torch.autograd.grad((got * weights).sum(), logits, retain_graph=True)
+        g_want, = torch.autograd.grad((want * weights).sum(), logits)
+        assert torch.allclose(g_got, g_want, rtol=1e-6, atol=1e-10), (t, (g_got - g_want).abs().max())
+
+
 def test_timestep_sampler_uniform_then_importance():
     T_ = 5
     ts = TimestepSampler(T_)
