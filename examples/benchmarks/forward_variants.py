@@ -6,8 +6,9 @@
    samples with guidance), bf16: autocast entered for each forward, one
    autocast context around all forwards (as both sampling loops run: its
    weight-cast cache then holds), and a bf16 copy of the weights. Best of 3
-   each, interleaved. Then torch.profiler's time in ``aten::addmm`` per forward
-   (one context), against the whole forward.
+   each, interleaved. Then torch.profiler's time in ``aten::addmm`` and in the
+   attention kernel per forward (one context), against the whole forward, with
+   the GFLOP/s each reaches.
 2. The linear MLP with quick GELU as written (``fc2(h * sigmoid(1.702 h))``,
    ``h = fc1(x)``: three elementwise passes) against the code's folded form
    (one in-place silu, the scalings on addmm's alpha and beta) in the tiny
@@ -74,7 +75,14 @@ def paper_bf16() -> None:
         print(f"  {name}: {' / '.join(f'{v:.0f}' for v in values)}")
     totals = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     addmm, total = totals.get("aten::addmm", 0.0) / 2e3, sum(totals.values()) / 2e3
-    print(f"  profiled (one context): aten::addmm {addmm:.0f} ms of {total:.0f} ms of CPU time per forward")
+    attn = sum(v for k, v in totals.items() if "scaled_dot_product" in k) / 2e3
+    B, L, D = 4, cfg.seq_len, cfg.dim
+    # qkv, proj and the linear MLP (ratio 4) of every block, and the output head (the AdaLN rows are B, not B·L)
+    linear_gflop = 2 * B * L * (cfg.layers * 12 * D * D + D * cfg.num_classes) / 1e9
+    attn_gflop = 4 * B * L * L * D * cfg.layers / 1e9
+    print(f"  profiled (one context): aten::addmm {addmm:.0f} ms of {total:.0f} ms of CPU time per forward "
+          f"(the linear layers' {linear_gflop:.0f} GFLOP at {linear_gflop / addmm * 1e3:.0f} GFLOP/s); "
+          f"attention {attn:.0f} ms ({attn_gflop:.1f} GFLOP, {attn_gflop / attn * 1e3:.0f} GFLOP/s)")
 
 
 def gelu_folded() -> None:
