@@ -34,7 +34,7 @@ DEMO_SAMPLES = 16
 # The demo trains the tokenizer for 2000 steps (a tokenizer that cannot
 # reconstruct a shape leaves the generator unable to draw it: 1000 steps
 # reconstructed 71% of fresh renders right, 2000 steps 81-90%) and the denoiser
-# for 2000 (in bf16 where the CPU has it natively: see denoiser_precision),
+# for 1800 (in bf16 where the CPU has it natively: see denoiser_precision),
 # samples with 25 steps (as accurate as 100 at the defaults) and guides at 1.5:
 # after this short training, 1.5 scored 5-6 points above 3 in-distribution on
 # two trainings (all prompts, 16 samples each). Its short guidance fine-tune
@@ -43,7 +43,7 @@ DEMO_SAMPLES = 16
 # defaults' longer schedule.
 DEMO_OVERRIDES = [
     f"eval.max_prompts={DEMO_PROMPTS}", f"eval.samples_per_prompt={DEMO_SAMPLES}", "eval.protocol=shapes",
-    "train_vq.steps=2000", "train_diffusion.steps=2000", "finetune_cfg.steps=150", "finetune_cfg.lr=0.0001",
+    "train_vq.steps=2000", "train_diffusion.steps=1800", "finetune_cfg.steps=150", "finetune_cfg.lr=0.0001",
     "sample.steps=25", "sample.guidance=1.5",
 ]
 
