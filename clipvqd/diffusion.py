@@ -357,7 +357,6 @@ class Schedule:
         x_s = torch.where(part == 0, spread, torch.where(part == 1, x0, torch.where(part == 2, x_t, self.mask_index)))
         return torch.where((s_ == 0).view(-1, 1), x0, x_s)
 
-
     def pick(self, log_x0: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         """log p(x0 | x_t) at the true x0 and at x_t (any class where masked), (B, 2, L), in one gather."""
         index = torch.stack([x0.long(), x_t.clamp(max=self.num_classes - 1).long()], dim=1)
@@ -382,9 +381,10 @@ class Schedule:
         β (1 + (α/β) p_k) / N with per-position α, β, and q the same value u = β / Z
         there (:meth:`log_weights_prev_given_x0`, Z its normaliser). The KL is
         u [(K - n) log(N / Z) - Σ_generic log(1 + (α/β) p_k)] plus the special classes'
-        terms: a few passes over the K classes forward and back, no gather from them
-        but ``picked``, log p(x0 | x_t) at (x0, x_t) as (B, 2, L): pass it when the caller
-        has gathered it anyway (the loss's nll), so that its backward scatters once.
+        terms: a few passes over the K classes forward and back. The only values taken
+        from the prediction one by one are at x0 and x_t (``picked``, (B, 2, L), from
+        :meth:`pick`): pass them when the caller has them (the loss does, for its nll),
+        so that the backward scatters into the (B, K, L) gradient once.
         """
         B_, K, L = log_x0.shape
         t = self._times(t, B_)
