@@ -9,9 +9,10 @@
 # 12,000 diffusion steps (not 4,000); the denoiser stages (train-diffusion,
 # finetune-cfg, eval) in bf16 where the CPU computes it natively, as the demo
 # does (fp32 elsewhere: then the diffusion stage takes about 1.5x longer).
-# On this 2-core CPU (RESULTS.md, from a fresh clone): 1 h 40 min in all:
-# tokenizer 7.6 min, tokenize 1 min, diffusion 43.5 min (4.6 steps/s),
-# fine-tune 1.5 min, then the evals 23 min and the alpha ablation 24 min.
+# On the 2-core AMD EPYC development machine (RESULTS.md, from a fresh clone):
+# about an hour in all: tokenizer 5 min, tokenize 16 s, diffusion 27 min
+# (7.4 steps/s), fine-tune 1 min, then the evals 11 min and the alpha
+# ablation 14 min (on the Intel Xeon before it: 1 h 40 min).
 #
 # Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
 # number lands in DIR/*/eval/*.json and *.md, a plot per ablation in
