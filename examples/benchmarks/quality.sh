@@ -5,21 +5,24 @@
 #
 #   bash examples/benchmarks/quality.sh [DIR]      (default: runs/quality)
 #
-# Budget: the shapes defaults with 20,000 training images (not 5,000) and
-# 12,000 diffusion steps (not 4,000); the denoiser stages (train-diffusion,
-# finetune-cfg, eval) in bf16 where the CPU computes it natively, as the demo
-# does (fp32 elsewhere: then the diffusion stage takes about 1.5x longer).
-# On the 2-core AMD EPYC development machine (RESULTS.md, from a fresh clone):
-# about an hour in all: tokenizer 5 min, tokenize 16 s, diffusion 27 min
-# (7.4 steps/s), fine-tune 1 min, then the evals 11 min and the alpha
-# ablation 14 min (on the Intel Xeon before it: 1 h 40 min).
+# Budget: the shapes defaults with 20,000 training images (not 5,000), a
+# 6,000-step tokenizer (not 3,000: at 3,000 it got a third of the small stars
+# right on the AMD machine, and the generator cannot draw better than its
+# tokenizer) and 12,000 diffusion steps (not 4,000); the denoiser stages
+# (train-diffusion, finetune-cfg, eval) in bf16 where the CPU computes it
+# natively, as the demo does (fp32 elsewhere: then the diffusion stage takes
+# about 1.5x longer). On the 2-core AMD EPYC development machine (RESULTS.md,
+# from a fresh clone, with the 3,000-step tokenizer): about an hour in all:
+# tokenizer 5 min, tokenize 16 s, diffusion 27 min (7.4 steps/s), fine-tune
+# 1 min, then the evals 11 min and the alpha ablation 14 min; 6,000 tokenizer
+# steps add about 5 min (on the Intel Xeon before it: 1 h 40 min).
 #
 # Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
 # number lands in DIR/*/eval/*.json and *.md, a plot per ablation in
 # DIR/base/eval/*-sweep.png and DIR/alpha.png.
 set -euo pipefail
 DIR=${1:-runs/quality}
-BUDGET=(--set data.count=20000 --set train_diffusion.steps=12000 --set finetune_cfg.steps=400)
+BUDGET=(--set data.count=20000 --set train_vq.steps=6000 --set train_diffusion.steps=12000 --set finetune_cfg.steps=400)
 # bf16 for the denoiser where the CPU has it natively (the demo's rule), else fp32
 PREC=$(python -c "from clipvqd.stages.common import native_cpu_bf16; print('bf16' if native_cpu_bf16() else 'no')")
 EVAL=(--protocol shapes --set eval.fid=false --set eval.inception_score=false)
@@ -47,7 +50,7 @@ for a in 0 0.25 0.5 1.0; do
   if [ ! -f "$D/clipvqd.toml" ]; then
     mkdir -p "$D" && cp "$DIR/base/clipvqd.toml" "$D/" && cp -r "$DIR/base/vq" "$DIR/base/tokens" "$D/"
   fi
-  A=(-p "$D/clipvqd.toml" --set project.mixed_precision=$PREC --set data.count=20000 --set train_diffusion.steps=1500 --set finetune_cfg.steps=150 --set train_diffusion.alpha=$a)
+  A=(-p "$D/clipvqd.toml" --set project.mixed_precision=$PREC --set data.count=20000 --set train_vq.steps=6000 --set train_diffusion.steps=1500 --set finetune_cfg.steps=150 --set train_diffusion.alpha=$a)
   clipvqd train-diffusion "${A[@]}"
   clipvqd finetune-cfg "${A[@]}"
   clipvqd eval "${A[@]}" "${EVAL[@]}" --set eval.max_prompts=12 --set sample.steps=25 --name alpha
