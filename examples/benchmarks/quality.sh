@@ -12,10 +12,9 @@
 # (train-diffusion, finetune-cfg, eval) in bf16 where the CPU computes it
 # natively, as the demo does (fp32 elsewhere: then the diffusion stage takes
 # about 1.5x longer). On the 2-core AMD EPYC development machine (RESULTS.md,
-# from a fresh clone, with the 3,000-step tokenizer): about an hour in all:
-# tokenizer 5 min, tokenize 16 s, diffusion 27 min (7.4 steps/s), fine-tune
-# 1 min, then the evals 11 min and the alpha ablation 14 min; 6,000 tokenizer
-# steps add about 5 min (on the Intel Xeon before it: 1 h 40 min).
+# from a fresh clone): 1 h 3 min in all: tokenizer 9.4 min, tokenize 16 s,
+# diffusion 25.7 min (7.8 steps/s), fine-tune 1 min, then the evals 11 min
+# and the alpha ablation 15 min.
 #
 # Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
 # number lands in DIR/*/eval/*.json and *.md, a plot per ablation in
