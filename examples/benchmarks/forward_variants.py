@@ -24,7 +24,8 @@ import time
 import torch
 
 import clipvqd.transformer as transformer
-from clipvqd.transformer import Denoiser, DenoiserConfig
+from clipvqd.transformer import Denoiser, DenoiserConfig, SelfAttention
+from speed import count_flops, ours_module_flops  # this folder's speed benchmark (no diffusers needed)
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -76,10 +77,12 @@ def paper_bf16() -> None:
     totals = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     addmm, total = totals.get("aten::addmm", 0.0) / 2e3, sum(totals.values()) / 2e3
     attn = sum(v for k, v in totals.items() if "scaled_dot_product" in k) / 2e3
-    B, L, D = 4, cfg.seq_len, cfg.dim
-    # qkv, proj and the linear MLP (ratio 4) of every block, and the output head (the AdaLN rows are B, not B·L)
-    linear_gflop = 2 * B * L * (cfg.layers * 12 * D * D + D * cfg.num_classes) / 1e9
-    attn_gflop = 4 * B * L * L * D * cfg.layers / 1e9
+    # speed.py's FLOP count (the forward's own shapes): all of it, and without attention's QK^T and AV
+    forward = lambda: model(tok, t, cond)  # noqa: E731
+    total_gflop = count_flops(model, forward, ours_module_flops) / 1e9
+    linear_gflop = count_flops(model, forward, lambda m, a, k: None if isinstance(m, SelfAttention)
+                               else ours_module_flops(m, a, k)) / 1e9
+    attn_gflop = total_gflop - linear_gflop
     print(f"  profiled (one context): aten::addmm {addmm:.0f} ms of {total:.0f} ms of CPU time per forward "
           f"(the linear layers' {linear_gflop:.0f} GFLOP at {linear_gflop / addmm * 1e3:.0f} GFLOP/s); "
           f"attention {attn:.0f} ms ({attn_gflop:.1f} GFLOP, {attn_gflop / attn * 1e3:.0f} GFLOP/s)")
