@@ -35,9 +35,10 @@ DEMO_SAMPLES = 16
 # reconstruct a shape leaves the generator unable to draw it: 1000 steps
 # reconstructed 71% of fresh renders right, 2000 steps 81-90%) and the denoiser
 # for 1800 (in bf16 where the CPU has it natively: see denoiser_precision),
-# samples with 25 steps (as accurate as 100 at the defaults) and guides at 1.5:
-# after this short training, 1.5 scored 5-6 points above 3 in-distribution on
-# two trainings (all prompts, 16 samples each). Its short guidance fine-tune
+# samples with 25 steps (about 4x faster than 100; within 6 points of it in
+# the quality benchmark's runs) and guides at 1.5: after this short training,
+# 1.5 scored 4-7 points above 3 in-distribution on two trainings (all
+# prompts, 16 samples each). Its short guidance fine-tune
 # runs at 1e-4, the base model's final learning rate: the defaults' 3e-4 scored
 # 6 points lower in-distribution here (12 prompts a set), though not at the
 # defaults' longer schedule.
