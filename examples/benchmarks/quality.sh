@@ -9,14 +9,14 @@
 # 6,000-step tokenizer (not 3,000: at 3,000 it got a third of the small stars
 # right on the AMD machine, and the generator cannot draw better than its
 # tokenizer), a denoiser twice as deep (8 layers x 128, not 4) trained 16,000
-# steps (not 4,000; with 4 layers and 12,000 steps the run got 84.6% over all
-# samples, its training loss still falling); the denoiser stages
+# steps (not 4,000: with 4 layers and 12,000 steps the run got 84.6% over all
+# samples, with 8 and 16,000 it got 96.1%); the denoiser stages
 # (train-diffusion, finetune-cfg, eval) in bf16 where the CPU computes it
 # natively, as the demo does (fp32 elsewhere: then the diffusion stage takes
-# about 1.5x longer). On the 2-core AMD EPYC development machine (RESULTS.md,
-# from a fresh clone): 1 h 3 min in all: tokenizer 9.4 min, tokenize 16 s,
-# diffusion 25.7 min (7.8 steps/s), fine-tune 1 min, then the evals 11 min
-# and the alpha ablation 15 min.
+# about 1.5x longer, and the whole run more than the 2 hours). On the 2-core AMD EPYC development machine (RESULTS.md,
+# from a fresh clone): 1 h 51 min in all: tokenizer 8.3 min, tokenize 14 s,
+# diffusion 61 min (4.4 steps/s), fine-tune 1.6 min, then the evals 23 min
+# and the alpha ablation 16.5 min.
 #
 # Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
 # number lands in DIR/*/eval/*.json and *.md, a plot per ablation in
