@@ -18,9 +18,10 @@ def keep_freed_memory() -> bool:
     in and zero. On the 2-core CPU this project measures on, that cost more
     than the arithmetic: `clipvqd eval`'s sampling ran 1.1-1.7x faster with it,
     round by round, 1.4x best against best (SPEED.md, "Fresh pages"). The
-    price: the process keeps its peak memory until it exits. The CLI calls this once at start; it does nothing off
-    glibc, or where the user has set malloc tunables of their own
-    (``MALLOC_*`` or ``GLIBC_TUNABLES``). Returns whether it changed anything.
+    price: the process keeps its peak memory until it exits. The CLI calls
+    this once at start; it does nothing off glibc, or where the user has set
+    malloc tunables of their own (``MALLOC_*`` or ``GLIBC_TUNABLES``).
+    Returns whether it changed anything.
     """
     if not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in os.environ:
         return False

@@ -13,10 +13,11 @@
 # samples, with 8 and 16,000 it got 96.1%); the denoiser stages
 # (train-diffusion, finetune-cfg, eval) in bf16 where the CPU computes it
 # natively, as the demo does (fp32 elsewhere: then the diffusion stage takes
-# about 1.5x longer, and the whole run more than the 2 hours). On the 2-core AMD EPYC development machine (RESULTS.md,
-# from a fresh clone): 1 h 51 min in all: tokenizer 8.3 min, tokenize 14 s,
-# diffusion 61 min (4.4 steps/s), fine-tune 1.6 min, then the evals 23 min
-# and the alpha ablation 16.5 min.
+# about 1.5x longer, which would put the whole run past 2 hours). On the
+# 2-core AMD EPYC development machine (RESULTS.md, from a fresh clone):
+# 1 h 51 min in all: tokenizer 8.3 min, tokenize 14 s, diffusion 61 min
+# (4.4 steps/s), fine-tune 1.6 min, then the evals 23 min and the alpha
+# ablation 16.5 min.
 #
 # Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
 # number lands in DIR/*/eval/*.json and *.md, a plot per ablation in
