@@ -192,12 +192,15 @@ def gumbel_softmax_st(logits: torch.Tensor, tau: float, generator: torch.Generat
         of ``y_soft`` in the backward pass.
 
     ``noise_scale`` multiplies g: 1 is the Gumbel-softmax of the paper; smaller
-    values draw codes closer to the argmax that ``encode`` uses.
+    values draw codes closer to the argmax that ``encode`` uses; 0 draws nothing.
     """
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
-    g = gumbel_noise(logits.shape, generator, device=logits.device, dtype=logits.dtype)
-    y_soft = torch.softmax((logits + noise_scale * g) / tau, dim=dim)
+    if noise_scale == 0:  # logits + 0 * g is logits exactly: skip the draw (six passes over (B, h, w, K))
+        noisy = logits
+    else:
+        noisy = logits + noise_scale * gumbel_noise(logits.shape, generator, device=logits.device, dtype=logits.dtype)
+    y_soft = torch.softmax(noisy / tau, dim=dim)
     codes = y_soft.argmax(dim=dim)
     y_hard = torch.zeros_like(y_soft).scatter_(dim, codes.unsqueeze(dim), 1.0)
     y = y_hard + (y_soft - y_soft.detach())

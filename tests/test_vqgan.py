@@ -460,8 +460,12 @@ def test_gumbel_noise_scale_zero_draws_the_argmax_and_one_keeps_gumbel():
     from clipvqd.vqgan import gumbel_softmax_st
 
     logits = torch.randn(2, 7, 3, 3, generator=torch.Generator().manual_seed(1))
-    _, _, codes = gumbel_softmax_st(logits, 0.5, torch.Generator().manual_seed(2), noise_scale=0.0)
+    gen = torch.Generator().manual_seed(2)
+    before = gen.get_state()
+    _, soft, codes = gumbel_softmax_st(logits, 0.5, gen, noise_scale=0.0)
     assert torch.equal(codes, logits.argmax(1))
+    assert torch.equal(soft, torch.softmax(logits / 0.5, dim=1))  # no noise at all, not a small one
+    assert torch.equal(gen.get_state(), before)  # and nothing drawn
     _, _, a = gumbel_softmax_st(logits, 0.5, torch.Generator().manual_seed(3))
     _, _, b = gumbel_softmax_st(logits, 0.5, torch.Generator().manual_seed(3), noise_scale=1.0)
     assert torch.equal(a, b)

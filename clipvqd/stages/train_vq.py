@@ -39,7 +39,8 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
     torch.manual_seed(config.project.seed)  # weight init only; every later draw has its own generator
     data = data_identity(config, project)
     images = open_images(resolved_data(config, project))
-    model = GumbelVQGAN(vq_config(config))
+    # channels-last convolutions: 15-25% faster train-vq steps on a CPU (RESULTS.md, "Training speed")
+    model = GumbelVQGAN(vq_config(config)).to(memory_format=torch.channels_last)
     loss_fn = VQLoss(
         l1_weight=tc.l1_weight, l2_weight=tc.l2_weight, edge_weight=tc.edge_weight,
         perceptual_weight=tc.perceptual_weight,
@@ -47,6 +48,7 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
         lpips_lin_weights=str(project.resolve(tc.lpips_weights)) if tc.lpips_weights else None,
         disc_weight=tc.disc_weight, disc_start=tc.disc_start, disc_channels=tc.disc_channels,
     )
+    loss_fn.discriminator.to(memory_format=torch.channels_last)
     global_batch = tc.batch_size * config.project.grad_accum * acc.num_processes
     lr = tc.lr * global_batch if tc.scale_lr else tc.lr
     opt_g = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
@@ -90,7 +92,7 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
         set_lr(opt_g, step_lr)
         set_lr(opt_d, step_lr)
         for micro in range(config.project.grad_accum):
-            x = next(batches).to(acc.device)
+            x = next(batches).to(acc.device).contiguous(memory_format=torch.channels_last)
             gen = step_generator(config.project.seed, step, acc.process_index, salt=micro, device=acc.device)
             with acc.accumulate(model, disc):
                 with acc.autocast():
