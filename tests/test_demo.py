@@ -36,6 +36,14 @@ def test_denoiser_precision(demo_config, monkeypatch, native, file_choice, devic
     assert demo.denoiser_precision(_with(demo_config, mixed_precision=file_choice, device=device)) == expected
 
 
+@pytest.mark.parametrize("native, expected", [(True, "bf16 autocast"), (False, "no native bf16")])
+def test_the_demo_says_which_precision_and_warns_of_a_longer_fp32_run(demo_config, monkeypatch, native, expected):
+    monkeypatch.setattr(demo, "native_cpu_bf16", lambda: native)
+    config = _with(demo_config, mixed_precision="no", device="cpu")
+    assert expected in demo.precision_note(config, demo.denoiser_precision(config))
+    assert demo.precision_note(_with(demo_config, mixed_precision="bf16", device="cpu"), "bf16") is None  # the file's choice
+
+
 def test_a_finished_stage_shows_no_stale_numbers():
     finished = {"steps": "1000 (already finished)"}  # the stage reports no losses then
     assert demo._trained(finished, lambda: f"loss {finished['loss']}") == "1000 (already finished) steps"
