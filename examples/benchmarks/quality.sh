@@ -12,12 +12,14 @@
 # steps (not 4,000: with 4 layers and 12,000 steps the run got 84.6% over all
 # samples, with 8 and 16,000 it got 96.1%); the denoiser stages
 # (train-diffusion, finetune-cfg, eval) in bf16 where the CPU computes it
-# natively, as the demo does (fp32 elsewhere: then the diffusion stage takes
-# about 1.5x longer, which would put the whole run past 2 hours). On the
-# 2-core AMD EPYC development machine (RESULTS.md, from a fresh clone):
+# natively, as the demo does (fp32 elsewhere, about 1.5x slower on the same
+# CPU). On the 2-core AMD EPYC Zen 5 machine (RESULTS.md, from a fresh clone):
 # 1 h 51 min in all: tokenizer 8.3 min, tokenize 14 s, diffusion 61 min
 # (4.4 steps/s), fine-tune 1.6 min, then the evals 23 min and the alpha
-# ablation 16.5 min.
+# ablation 16.5 min. Not run on the two later machines, where by these rates it
+# would take more than 2 hours: the demo's denoiser trained 1.3-1.4x slower on the Zen 4
+# machine (5.1-5.5 steps/s against 7.2; half the bf16 matmul peak) and 3.4x
+# slower in fp32 on the AVX2 one (2.1 steps/s).
 #
 # Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
 # number lands in DIR/*/eval/*.json and *.md, a plot per ablation in
