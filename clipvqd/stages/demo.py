@@ -60,7 +60,7 @@ DEMO_OVERRIDES = [
 # about a third of the training, and half of the denoiser's (batch 16) already fell from 70% to 42%
 # in-distribution on the AVX2 machine (RESULTS.md, "The demo").
 FP32_CPU_NOTE = ("precision: fp32 (this CPU has no native bf16: no AMX or AVX512-BF16): the demo takes about "
-                 "2.5x as long as on one that has it, about 20 min on a 2-core AVX2 AMD EPYC")
+                 "2-3x as long as on one that has it, about 20 min on a 2-core AVX2 AMD EPYC")
 
 
 def denoiser_precision(config: Config) -> str:
