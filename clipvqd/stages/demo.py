@@ -1,6 +1,6 @@
 """`clipvqd demo [DIR]`: the whole language-free pipeline on the built-in
 shapes world, sized to finish in about ten minutes on a 2-core laptop CPU
-that computes bf16 natively (about 20 minutes on one that does not).
+that computes bf16 natively (15-20 minutes on one that does not).
 
 init -> train-vq -> tokenize -> train-diffusion -> finetune-cfg -> eval
 (shapes protocol on a fixed subset of in-distribution and held-out prompts,
@@ -56,11 +56,12 @@ DEMO_OVERRIDES = [
 
 
 # Said before a demo whose denoiser will train in fp32 on a CPU (no AMX, no AVX512-BF16), so
-# that nobody takes the longer run for a hang. The budget stays: ten minutes there leave room for
-# about a third of the training, and half of the denoiser's (batch 16) already fell from 70% to 42%
-# in-distribution on the AVX2 machine (RESULTS.md, "The demo").
-FP32_CPU_NOTE = ("precision: fp32 (this CPU has no native bf16: no AMX or AVX512-BF16): the demo takes about "
-                 "2-3x as long as on one that has it, about 20 min on a 2-core AVX2 AMD EPYC")
+# that nobody takes the longer run for a hang. The budget stays: on the AVX2 machines ten minutes
+# leave room for half to two thirds of the training, and every cut tried fell below 60% on 12 prompts
+# a set (the shipped budget 61%; 1000 denoiser steps at lr 4e-3 48%, at 6e-3 42%; batch 16 35%;
+# RESULTS.md, "The demo").
+FP32_CPU_NOTE = ("precision: fp32 (this CPU has no native bf16: no AMX or AVX512-BF16): the demo takes "
+                 "1.5-3x as long as on one that has it, 15-20 min on a 2-core AVX2 AMD EPYC")
 
 
 def denoiser_precision(config: Config) -> str:
