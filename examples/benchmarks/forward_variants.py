@@ -1,6 +1,6 @@
 """The denoiser forward under variants that SPEED.md reports as tried and not kept.
 
-    python examples/benchmarks/forward_variants.py [--threads 2]
+    python examples/benchmarks/forward_variants.py [--threads 2] [--ceiling]
 
 1. Paper size (24 x 512, 16 heads, 16x16, K=4096, linear MLP), batch 4 (= 2
    samples with guidance), bf16: autocast entered for each forward, one
@@ -14,6 +14,13 @@
    (one in-place silu, the scalings on addmm's alpha and beta) in the tiny
    and small forwards (batch 32), fp32 and bf16, best of 5, three
    interleaved rounds.
+3. The paper-size bf16 ceiling (``--ceiling``): each matmul shape of the
+   batch-4 forward (qkv, proj, fc1, fc2, the output layer) as a bare
+   ``torch.mm`` of bf16 tensors, and the attention kernel alone, best of 5,
+   with the square-matmul peak of speed.py measured in the same run. Their
+   times summed at those rates, with nothing else (no bias, casts, norms,
+   GELU, residuals or softmax), are the fastest this forward could be with
+   torch's kernels: the highest % of the peak it could reach.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 
 import clipvqd.transformer as transformer
 from clipvqd.transformer import Denoiser, DenoiserConfig, SelfAttention
-from speed import count_flops, ours_module_flops  # this folder's speed benchmark (no diffusers needed)
+from speed import count_flops, matmul_peak, ours_module_flops  # this folder's speed benchmark (no diffusers needed)
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -113,13 +121,44 @@ def gelu_folded() -> None:
                   + "; ".join(f"{k} {' / '.join(f'{v:.0f}' for v in vs)}" for k, vs in rows.items()))
 
 
+def ceiling() -> None:
+    cfg = DenoiserConfig(4096, 16, 16, 24, 512, 16, mlp="linear", mlp_ratio=4, cond_dim=512)
+    rows, D, L, H = 4 * cfg.seq_len, cfg.dim, cfg.seq_len, cfg.heads
+    g = torch.Generator().manual_seed(0)
+    bf = torch.bfloat16
+    # (name, in, out, calls per forward): the linear layers as x @ W.t(), W stored (out, in)
+    shapes = [("qkv", D, 3 * D, cfg.layers), ("proj", D, D, cfg.layers), ("fc1", D, 4 * D, cfg.layers),
+              ("fc2", 4 * D, D, cfg.layers), ("out", D, cfg.num_classes, 1)]
+    total_ms, total_gflop = 0.0, 0.0
+    print(f"paper size, bf16, batch 4 ({rows} rows), bare kernels, best of 5:")
+    for name, d_in, d_out, calls in shapes:
+        x = torch.randn(rows, d_in, generator=g).to(bf)
+        w = torch.randn(d_out, d_in, generator=g).to(bf)
+        ms = best_ms(lambda: torch.mm(x, w.t()), 5)
+        gflop = 2 * rows * d_in * d_out / 1e9
+        total_ms, total_gflop = total_ms + calls * ms, total_gflop + calls * gflop
+        print(f"  {name:4s} ({rows} x {d_in}) @ ({d_in} x {d_out}) x {calls}: {ms:.3f} ms, {gflop / ms * 1e3:.0f} GFLOP/s")
+    q, k, v = (torch.randn(4, H, L, D // H, generator=g).to(bf) for _ in range(3))
+    ms = best_ms(lambda: F.scaled_dot_product_attention(q, k, v), 5)
+    gflop = 4 * 4 * L * L * D / 1e9
+    total_ms, total_gflop = total_ms + cfg.layers * ms, total_gflop + cfg.layers * gflop
+    print(f"  attention (4, {H}, {L}, {D // H}) x {cfg.layers}: {ms:.3f} ms, {gflop / ms * 1e3:.0f} GFLOP/s")
+    peak = matmul_peak(torch.device("cpu"), bf)
+    rate = total_gflop / total_ms * 1e3
+    print(f"  all of them: {total_gflop:.0f} GFLOP in {total_ms:.0f} ms = {rate:.0f} GFLOP/s; "
+          f"bf16 matmul peak (speed.py's) {peak:.0f} GFLOP/s: the ceiling is {100 * rate / peak:.0f} % of it")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ceiling", action="store_true", help="only the paper-size bf16 ceiling (item 3)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    paper_bf16()
-    gelu_folded()
+    if not args.ceiling:
+        paper_bf16()
+        gelu_folded()
+    ceiling()
 
 
 if __name__ == "__main__":
