@@ -1,6 +1,6 @@
 """The denoiser forward under variants that SPEED.md reports as tried and not kept.
 
-    python examples/benchmarks/forward_variants.py [--threads 2] [--ceiling]
+    python examples/benchmarks/forward_variants.py [--threads 2] [--ceiling]  (--ceiling: item 3 only)
 
 1. Paper size (24 x 512, 16 heads, 16x16, K=4096, linear MLP), batch 4 (= 2
    samples with guidance), bf16: autocast entered for each forward, one
@@ -20,7 +20,11 @@
    with the square-matmul peak of speed.py measured in the same run. Their
    times summed at those rates, with nothing else (no bias, casts, norms,
    GELU, residuals or softmax), are the fastest this forward could be with
-   torch's kernels: the highest % of the peak it could reach.
+   torch's kernels: the highest % of the peak it could reach. Then
+   torch.profiler over 3 forwards of the real model (batch 4, one autocast
+   context, the CLI's allocator policy as in speed.py; run first, on a fresh
+   heap), self CPU time per forward by op and input shape: where the time
+   above that ceiling goes.
 """
 
 from __future__ import annotations
@@ -32,8 +36,13 @@ import torch
 import torch.nn.functional as F
 
 import clipvqd.transformer as transformer
+from clipvqd.allocator import keep_freed_memory
 from clipvqd.transformer import Denoiser, DenoiserConfig, SelfAttention
 from speed import count_flops, matmul_peak, ours_module_flops  # this folder's speed benchmark (no diffusers needed)
+
+
+# the paper size with the linear MLP (DenoiserConfig's defaults are the paper's)
+PAPER = DenoiserConfig(mlp="linear")
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -53,7 +62,7 @@ def inputs(cfg: DenoiserConfig, batch: int):
 
 
 def paper_bf16() -> None:
-    cfg = DenoiserConfig(4096, 16, 16, 24, 512, 16, mlp="linear", mlp_ratio=4, cond_dim=512)
+    cfg = PAPER
     torch.manual_seed(0)
     model = Denoiser(cfg).eval()
     weights = Denoiser(cfg).eval()
@@ -122,7 +131,7 @@ def gelu_folded() -> None:
 
 
 def ceiling() -> None:
-    cfg = DenoiserConfig(4096, 16, 16, 24, 512, 16, mlp="linear", mlp_ratio=4, cond_dim=512)
+    cfg = PAPER
     rows, D, L, H = 4 * cfg.seq_len, cfg.dim, cfg.seq_len, cfg.heads
     g = torch.Generator().manual_seed(0)
     bf = torch.bfloat16
@@ -149,15 +158,39 @@ def ceiling() -> None:
           f"bf16 matmul peak (speed.py's) {peak:.0f} GFLOP/s: the ceiling is {100 * rate / peak:.0f} % of it")
 
 
+def profile_by_shape(rows_shown: int = 25) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = Denoiser(PAPER).eval()
+    tok, t, cond = inputs(PAPER, 4)
+    calls = 3
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        for _ in range(calls):  # warm-up: the autocast weight-cast cache, the allocator
+            model(tok, t, cond)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(calls):
+                model(tok, t, cond)
+    events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) / calls / 1e3
+    print(f"paper size, bf16, batch 4, profiled: {total:.0f} ms of self CPU time per forward; the top {rows_shown}:")
+    for e in events[:rows_shown]:
+        print(f"  {e.self_cpu_time_total / calls / 1e3:7.2f} ms  {e.key}  {e.input_shapes}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ceiling", action="store_true", help="only the paper-size bf16 ceiling (item 3)")
+    p.add_argument("--ceiling", action="store_true", help="only the paper-size bf16 ceiling and profile (item 3)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if not args.ceiling:
-        paper_bf16()
-        gelu_folded()
+    if args.ceiling:
+        keep_freed_memory()  # as speed.py and the CLI run
+        profile_by_shape()  # first: after the ceiling's large matrices its fresh outputs faulted pages in again
+        ceiling()
+        return
+    paper_bf16()
+    gelu_folded()
     ceiling()
 
 
