@@ -137,18 +137,43 @@ class LinearMLP(nn.Module):
     the two scalings ride on the matmuls (addmm's alpha and beta), leaving one
     elementwise pass (in place at inference) instead of three, a sixth of a
     fp32 forward on a CPU (SPEED.md).
+
+    addmm takes the weights as ``weight.t()``, a view, and autocast caches only
+    casts of the parameters themselves, so under autocast it would cast these
+    two weights again every forward. At inference (no grad) they are cast once
+    and kept until a weight changes (its version counter), the autocast dtype
+    or its device does: 2-7 % of a paper-size bf16 forward on a CPU (SPEED.md).
     """
 
     def __init__(self, dim: int, ratio: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, ratio * dim)
         self.fc2 = nn.Linear(ratio * dim, dim)
+        self._cast: tuple | None = None  # (key, the weights, fc1.weight.t() and fc2.weight.t() cast)
+
+    def _weights_t(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w1, w2 = self.fc1.weight, self.fc2.weight
+        device = x.device.type
+        if torch.is_grad_enabled() or not torch.is_autocast_enabled(device) or w1.dtype != torch.float32:
+            self._cast = None  # training (or no autocast): autograd and autocast see the parameters
+            return w1.t(), w2.t()
+        key = (torch.get_autocast_dtype(device), w1.data_ptr(), w1._version, w2.data_ptr(), w2._version)
+        if self._cast is None or self._cast[0] != key:
+            # the entry holds the weights themselves: while it exists their storage cannot be freed,
+            # so no other tensor can turn up at the same data_ptr
+            self._cast = (key, (w1.detach(), w2.detach()), w1.t().to(key[0]), w2.t().to(key[0]))
+        return self._cast[2], self._cast[3]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cast = None  # .to(), .cuda(), .half(), ...: new weights, and the old ones are not pinned
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        h = torch.addmm(self.fc1.bias, rows, self.fc1.weight.t(), beta=GELU_SCALE, alpha=GELU_SCALE)
+        w1_t, w2_t = self._weights_t(x)
+        h = torch.addmm(self.fc1.bias, rows, w1_t, beta=GELU_SCALE, alpha=GELU_SCALE)
         h = F.silu(h, inplace=not torch.is_grad_enabled())  # in place would lose what silu's backward needs
-        y = torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), alpha=1 / GELU_SCALE)
+        y = torch.addmm(self.fc2.bias, h, w2_t, alpha=1 / GELU_SCALE)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -164,3 +164,58 @@ def test_linear_mlp_is_fc2_of_quick_gelu_of_fc1():
     grads_want = torch.autograd.grad(want.square().sum(), [x, mlp.fc1.weight, mlp.fc2.bias])
     for g, w in zip(grads, grads_want):
         assert torch.allclose(g, w, atol=1e-10)
+
+
+def test_linear_mlp_inference_cast_cache_is_exact_and_follows_the_weights():
+    """Under autocast without gradients the MLP keeps its bf16 weight casts between forwards:
+    the output must equal, bit for bit, the forward that casts afresh (the same one with
+    gradients on), and any change of the weights, of the autocast dtype or of the module's
+    device/dtype must drop the kept casts."""
+    torch.manual_seed(0)
+    mlp = transformer.LinearMLP(8, 2)
+    x = torch.randn(3, 4, 8)
+
+    def fresh():  # with gradients on nothing is kept: autocast casts the weights in this call
+        with torch.autocast("cpu", torch.bfloat16), torch.enable_grad():
+            return mlp(x).detach()
+
+    def kept():
+        with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+            return mlp(x)
+
+    first = kept()
+    assert first.dtype == torch.bfloat16 and mlp._cast is not None
+    cast_w1 = mlp._cast[2]
+    assert cast_w1.dtype == torch.bfloat16 and torch.equal(cast_w1, mlp.fc1.weight.t().to(torch.bfloat16))
+    assert torch.equal(kept(), first) and mlp._cast[2] is cast_w1  # reused, not cast again
+    assert torch.equal(fresh(), first)
+    assert mlp._cast is None  # a forward with gradients drops the kept casts
+
+    kept()
+    with torch.no_grad():
+        mlp.fc2.weight.mul_(-2)  # an optimizer step or load_state_dict writes in place, like this
+    after = kept()
+    assert not torch.equal(after, first) and torch.equal(after, fresh())
+
+    kept()
+    new = torch.nn.Parameter(torch.randn(16, 8))
+    with torch.no_grad():
+        while new._version < mlp.fc1.weight._version:
+            new.mul_(1.0)  # as many writes as the old weights had: only the data_ptr tells them apart
+    assert new._version == mlp.fc1.weight._version
+    mlp.fc1.weight = new
+    assert torch.equal(kept(), fresh())
+
+    kept()
+    mlp.double()  # .to() and friends drop the entry
+    assert mlp._cast is None
+    with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+        assert mlp(x.double()).dtype == torch.float64  # autocast leaves float64 alone, so nothing is cast
+    assert mlp._cast is None
+    mlp.float()
+    with torch.autocast("cpu", torch.float16), torch.no_grad():
+        half = mlp(x)
+    assert half.dtype == torch.float16 and mlp._cast[2].dtype == torch.float16
+    with torch.no_grad():
+        plain = mlp(x)  # no autocast: float32, nothing kept
+    assert plain.dtype == torch.float32 and mlp._cast is None
