@@ -5,8 +5,9 @@
 1. Paper size (24 x 512, 16 heads, 16x16, K=4096, linear MLP), batch 4 (= 2
    samples with guidance), bf16: autocast entered for each forward, one
    autocast context around all forwards (as both sampling loops run: its
-   weight-cast cache then holds), and a bf16 copy of the weights. Best of 3
-   each, interleaved. Then torch.profiler's time in ``aten::addmm`` and in the
+   weight-cast cache then holds), the same with the linear MLP casting its
+   weights every forward (as it did until 2026-12-04), and a bf16 copy of
+   the weights. Best of 3 each, interleaved. Then torch.profiler's time in ``aten::addmm`` and in the
    attention kernel per forward (one context), against the whole forward, with
    the GFLOP/s each reaches.
 2. The linear MLP with quick GELU as written (``fc2(h * sigmoid(1.702 h))``,
@@ -20,7 +21,8 @@
    with the square-matmul peak of speed.py measured in the same run. Their
    times summed at those rates, with nothing else (no bias, casts, norms,
    GELU, residuals or softmax), are the fastest this forward could be with
-   torch's kernels: the highest % of the peak it could reach. Then
+   torch's kernels: the highest % of the peak it could reach. (The fc2
+   shape is also timed as two 256-wide halves; it is not counted.) Then
    torch.profiler over 3 forwards of the real model (batch 4, one autocast
    context, the CLI's allocator policy as in speed.py; run first, on a fresh
    heap), self CPU time per forward by op and input shape: where the time
@@ -74,12 +76,32 @@ def paper_bf16() -> None:
         with torch.autocast("cpu", torch.bfloat16):
             model(tok, t, cond)
 
-    rows = {"autocast entered per forward": [], "one autocast context (the loops)": [], "bf16 weights": []}
+    kept = transformer.LinearMLP.forward
+
+    def casts_every_forward(self, x):  # the MLP before it kept its weight casts (the code until 2026-12-04)
+        flat = x.reshape(-1, x.shape[-1])
+        h = torch.addmm(self.fc1.bias, flat, self.fc1.weight.t(), beta=transformer.GELU_SCALE,
+                        alpha=transformer.GELU_SCALE)
+        h = F.silu(h, inplace=True)
+        y = torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), alpha=1 / transformer.GELU_SCALE)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def mlp_casting(fn):
+        transformer.LinearMLP.forward = casts_every_forward
+        try:
+            return fn()
+        finally:
+            transformer.LinearMLP.forward = kept
+
+    rows = {"autocast entered per forward": [], "one autocast context (the loops)": [],
+            "the same, the MLP casting its weights every forward": [], "bf16 weights": []}
     with torch.no_grad():
         for _ in range(2):
             rows["autocast entered per forward"].append(best_ms(per_call, 3))
             with torch.autocast("cpu", torch.bfloat16):
                 rows["one autocast context (the loops)"].append(best_ms(lambda: model(tok, t, cond), 3))
+                rows["the same, the MLP casting its weights every forward"].append(
+                    mlp_casting(lambda: best_ms(lambda: model(tok, t, cond), 3)))
             rows["bf16 weights"].append(best_ms(lambda: weights(tok, t, cond.bfloat16()), 3))
         from torch.profiler import ProfilerActivity, profile
 
@@ -147,6 +169,11 @@ def ceiling() -> None:
         gflop = 2 * rows * d_in * d_out / 1e9
         total_ms, total_gflop = total_ms + calls * ms, total_gflop + calls * gflop
         print(f"  {name:4s} ({rows} x {d_in}) @ ({d_in} x {d_out}) x {calls}: {ms:.3f} ms, {gflop / ms * 1e3:.0f} GFLOP/s")
+        if name == "fc2":  # the same product as two 256-wide halves: oneDNN's blocking for this shape, not the chip
+            halves = lambda: torch.cat([torch.mm(x, w[: d_out // 2].t()), torch.mm(x, w[d_out // 2 :].t())], 1)  # noqa: E731
+            split_ms = best_ms(halves, 5)
+            print(f"       as two ({rows} x {d_in}) @ ({d_in} x {d_out // 2}) and a cat: {split_ms:.3f} ms, "
+                  f"{gflop / split_ms * 1e3:.0f} GFLOP/s")
     q, k, v = (torch.randn(4, H, L, D // H, generator=g).to(bf) for _ in range(3))
     ms = best_ms(lambda: F.scaled_dot_product_attention(q, k, v), 5)
     gflop = 4 * 4 * L * L * D / 1e9
