@@ -65,6 +65,18 @@ def truncate(log_p: torch.Tensor, r: float) -> torch.Tensor:
     return torch.where(log_p >= tau, log_p, torch.full_like(log_p, LOG_ZERO))
 
 
+def _mass_above(d: torch.Tensor, p_x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Σ_k p_k [p_k > p_x] along ``dim`` (kept), from d = p - p_x, which it overwrites.
+
+    Computed as Σ d⁺ + p_x · #{d > 0}, the count as the sum of sign(d⁺): two
+    in-place passes over d, where a comparison would write a fresh bool tensor
+    and cost twice as much (the count is exact in float32 below 2^24 classes).
+    """
+    d = d.clamp_(min=0)
+    positive = d.sum(dim=dim, keepdim=True)
+    return d.sign_().sum(dim=dim, keepdim=True).mul_(p_x).add_(positive)
+
+
 def draw_truncated(log_p: torch.Tensor, r: float, generator, tries: int = 4) -> torch.Tensor:
     """Draw x0 ~ p truncated to its top-``r`` mass (the classes :func:`truncate` keeps), renormalised.
 
@@ -93,18 +105,15 @@ def draw_truncated(log_p: torch.Tensor, r: float, generator, tries: int = 4) -> 
     out = picks[:, 0].clone()
     if r >= 1:
         return out.view(B, L)
-    # the first draw, everywhere: the mass strictly above p_x is Σ (p - p_x)⁺ + p_x · #{p > p_x};
-    # in place on p (large temporaries cost a CPU more in fresh pages than in arithmetic)
+    # the first draw, everywhere, in place on p (large temporaries cost a CPU more in fresh pages than in arithmetic)
     p_x = p.gather(1, picks[:, :1])
-    d = p.sub_(p_x)
-    above = (d > 0).sum(dim=1, keepdim=True, dtype=torch.float32).mul_(p_x).add_(d.clamp_(min=0).sum(dim=1, keepdim=True))
+    above = _mass_above(p.sub_(p_x), p_x, dim=1)
     left = (above >= r * total).view(-1).nonzero().view(-1)
     if left.numel() and tries > 1:  # the other tries of the rejected positions, together
         p_left = lp[left].exp().unsqueeze(1)  # (n, 1, K)
         more = picks[left, 1:]
         p_x = p_left.squeeze(1).gather(1, more).unsqueeze(-1)  # (n, tries - 1, 1)
-        d = p_left - p_x
-        above = (d > 0).sum(dim=2, dtype=torch.float32).mul_(p_x.squeeze(-1)).add_(d.clamp_(min=0).sum(dim=2))
+        above = _mass_above(p_left - p_x, p_x, dim=2).squeeze(-1)
         kept = above < r * total[left]
         found = kept.any(dim=1)
         first = kept.to(torch.uint8).argmax(dim=1)  # the first kept try

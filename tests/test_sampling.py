@@ -146,6 +146,26 @@ def test_draw_truncated_has_the_truncated_distribution(r, spread, tries):
     assert torch.equal(draws, again)
 
 
+def test_mass_above_is_the_mass_strictly_above_brute_force():
+    """_mass_above (the kept-set check's one pass) against Σ_k p_k [p_k > p_x] summed by brute force,
+    with exact ties (the tied classes must not count) and p_x the top or the bottom class."""
+    from clipvqd.sampling import _mass_above
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.randint(0, 6, (40, 9), generator=g).double()  # many ties
+    p = p / p.sum(dim=1, keepdim=True).clamp(min=1)
+    picks = torch.randint(0, 9, (40, 3), generator=g)
+    picks[0] = p[0].argmax()
+    picks[1] = p[1].argmin()
+    p_x = p.gather(1, picks).unsqueeze(-1)  # (40, 3, 1): three candidates a row, as in the retries
+    got = _mass_above(p.unsqueeze(1) - p_x, p_x, dim=2).squeeze(-1)
+    want = torch.tensor([[sum(v for v in p[i].tolist() if v > p[i, k].item()) for k in picks[i].tolist()]
+                         for i in range(40)], dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
+    assert got[0].eq(0).all()  # nothing is above the top class
+    assert torch.allclose(got[:, :1], _mass_above(p - p_x[:, 0], p_x[:, 0], dim=1), atol=0, rtol=0)
+
+
 def test_draw_truncated_per_position_sets():
     """Positions with different distributions (the model's (B, L, K) layout seen as (B, K, L)): each
     draw lies in its own position's set."""
