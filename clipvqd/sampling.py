@@ -101,17 +101,19 @@ def draw_truncated(log_p: torch.Tensor, r: float, generator, tries: int = 4) -> 
     cum = p.double().cumsum_(dim=1)
     total = cum[:, -1:]
     u = uniform((B, L, tries + 1), generator, torch.float64).to(p.device).view(rows, tries + 1)
-    picks = torch.searchsorted(cum, (1 - u[:, :tries]) * total).clamp_(max=K - 1)  # first class with cum >= target
-    out = picks[:, 0].clone()
+    # inverse CDF: the first class with cum >= target; the first try everywhere, the others below where needed
+    # (torch's searchsorted is several times faster with one value a row than with several)
+    pick = torch.searchsorted(cum, (1 - u[:, :1]) * total).clamp_(max=K - 1)  # (rows, 1)
+    out = pick.view(-1).clone()
     if r >= 1:
         return out.view(B, L)
     # the first draw, everywhere, in place on p (large temporaries cost a CPU more in fresh pages than in arithmetic)
-    p_x = p.gather(1, picks[:, :1])
+    p_x = p.gather(1, pick)
     above = _mass_above(p.sub_(p_x), p_x, dim=1)
     left = (above >= r * total).view(-1).nonzero().view(-1)
     if left.numel() and tries > 1:  # the other tries of the rejected positions, together
         p_left = lp[left].exp().unsqueeze(1)  # (n, 1, K)
-        more = picks[left, 1:]
+        more = torch.searchsorted(cum[left], (1 - u[left, 1:tries]) * total[left]).clamp_(max=K - 1)
         p_x = p_left.squeeze(1).gather(1, more).unsqueeze(-1)  # (n, tries - 1, 1)
         above = _mass_above(p_left - p_x, p_x, dim=2).squeeze(-1)
         kept = above < r * total[left]
