@@ -146,6 +146,38 @@ def test_draw_truncated_has_the_truncated_distribution(r, spread, tries):
     assert torch.equal(draws, again)
 
 
+@pytest.mark.parametrize("r, tries", [(0.3, 1), (0.3, 4), (0.9, 2), (0.9, 4), (1.0, 4)])
+def test_draw_truncated_is_its_definition_position_by_position(r, tries):
+    """The exact draws, not only their law: with the same uniforms (``tries`` + 1 a position, taken up
+    front), each position takes the first of its tries whose inverse-CDF class (float64 cumulative sum)
+    is in the brute-force kept set, else the draw from the kept set with the last uniform. Pins the
+    vectorised bookkeeping (which rows retry, which try wins) to a plain loop."""
+    from clipvqd.diffusion import uniform
+
+    g = torch.Generator().manual_seed(11)
+    B_, K_, L_ = 2, 40, 60
+    logits = torch.randn(B_, L_, K_, generator=g) * torch.rand(B_, L_, 1, generator=g) * 6
+    log_p = logits.log_softmax(-1).transpose(1, 2)
+    got = draw_truncated(log_p, r, torch.Generator().manual_seed(3), tries=tries)
+    u = uniform((B_, L_, tries + 1), torch.Generator().manual_seed(3), torch.float64)
+    for b in range(B_):
+        for l in range(L_):
+            column = log_p[b, :, l]
+            p = column.exp()
+            cum = p.double().cumsum(0)
+            keep = kept_set(column, r) if r < 1 else torch.ones(K_, dtype=torch.bool)
+            want = None
+            for i in range(tries if r < 1 else 1):
+                x = min(int(torch.searchsorted(cum, (1 - u[b, l, i]) * cum[-1])), K_ - 1)
+                if keep[x]:
+                    want = x
+                    break
+            if want is None:
+                cum_set = torch.where(keep, p, 0.0).double().cumsum(0)
+                want = min(int(torch.searchsorted(cum_set, (1 - u[b, l, tries]) * cum_set[-1])), K_ - 1)
+            assert got[b, l] == want, (b, l)
+
+
 def test_mass_above_is_the_mass_strictly_above_brute_force():
     """_mass_above (the kept-set check's one pass) against Σ_k p_k [p_k > p_x] summed by brute force,
     with exact ties (the tied classes must not count) and p_x the top or the bottom class."""
