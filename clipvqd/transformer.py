@@ -155,7 +155,8 @@ class LinearMLP(nn.Module):
         w1, w2 = self.fc1.weight, self.fc2.weight
         device = x.device.type
         if torch.is_grad_enabled() or not torch.is_autocast_enabled(device) or w1.dtype != torch.float32:
-            self._cast = None  # training (or no autocast): autograd and autocast see the parameters
+            if self._cast is not None:  # (nn.Module's __setattr__ costs microseconds: only when needed)
+                self._cast = None  # training (or no autocast): autograd and autocast see the parameters
             return w1.t(), w2.t()
         key = (torch.get_autocast_dtype(device), w1.data_ptr(), w1._version, w2.data_ptr(), w2._version)
         if self._cast is None or self._cast[0] != key:
