@@ -142,7 +142,7 @@ class LinearMLP(nn.Module):
     casts of the parameters themselves, so under autocast it would cast these
     two weights again every forward. At inference (no grad) they are cast once
     and kept until a weight changes (its version counter), the autocast dtype
-    or its device does: 2-4 % of a paper-size bf16 forward on a CPU (SPEED.md).
+    or its device does: 2-6 % of a paper-size bf16 forward on a CPU (SPEED.md).
     """
 
     def __init__(self, dim: int, ratio: int):
