@@ -102,7 +102,7 @@ def draw_truncated(log_p: torch.Tensor, r: float, generator, tries: int = 4) -> 
     total = cum[:, -1:]
     u = uniform((B, L, tries + 1), generator, torch.float64).to(p.device).view(rows, tries + 1)
     # inverse CDF: the first class with cum >= target; the first try everywhere, the others below where needed
-    # (torch's searchsorted is several times faster with one value a row than with several)
+    # (torch's searchsorted ran several times faster with one value a row than with four in a probe; SPEED.md)
     pick = torch.searchsorted(cum, (1 - u[:, :1]) * total).clamp_(max=K - 1)  # (rows, 1)
     out = pick.view(-1).clone()
     if r >= 1:
