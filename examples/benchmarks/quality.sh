@@ -3,7 +3,10 @@
 # than the demo), then the paper's ablations in miniature. Results, with the
 # run's date and commit: RESULTS.md, "The quality benchmark".
 #
-#   bash examples/benchmarks/quality.sh [DIR]      (default: runs/quality)
+#   bash examples/benchmarks/quality.sh [DIR] [--set KEY=VALUE ...]   (default DIR: runs/quality)
+#
+# The --set overrides go to every stage after the budget's own, e.g. another
+# seed: --set project.seed=1 --set data.seed=1 --set sample.seed=1.
 #
 # Budget: the shapes defaults with 20,000 training images (not 5,000), a
 # 6,000-step tokenizer (not 3,000: at 3,000 it got a third of the small stars
@@ -29,7 +32,8 @@
 # DIR/base/eval/*-sweep.png and DIR/alpha.png.
 set -euo pipefail
 DIR=${1:-runs/quality}
-BUDGET=(--set data.count=20000 --set train_vq.steps=6000 --set transformer.layers=8 --set train_diffusion.steps=16000 --set finetune_cfg.steps=400)
+EXTRA=("${@:2}")  # the caller's --set overrides, after the budget's
+BUDGET=(--set data.count=20000 --set train_vq.steps=6000 --set transformer.layers=8 --set train_diffusion.steps=16000 --set finetune_cfg.steps=400 "${EXTRA[@]}")
 # bf16 for the denoiser where the CPU has it natively (the demo's rule), else fp32
 PREC=$(python -c "from clipvqd.stages.common import native_cpu_bf16; print('bf16' if native_cpu_bf16() else 'no')")
 EVAL=(--protocol shapes --set eval.fid=false --set eval.inception_score=false)
@@ -58,7 +62,7 @@ for a in 0 0.25 0.5 1.0; do
   if [ ! -f "$D/clipvqd.toml" ]; then
     mkdir -p "$D" && cp "$DIR/base/clipvqd.toml" "$D/" && cp -r "$DIR/base/vq" "$DIR/base/tokens" "$D/"
   fi
-  A=(-p "$D/clipvqd.toml" --set project.mixed_precision=$PREC --set data.count=20000 --set train_vq.steps=6000 --set train_diffusion.steps=1500 --set finetune_cfg.steps=150 --set train_diffusion.alpha=$a)
+  A=(-p "$D/clipvqd.toml" --set project.mixed_precision=$PREC --set data.count=20000 --set train_vq.steps=6000 --set train_diffusion.steps=1500 --set finetune_cfg.steps=150 --set train_diffusion.alpha=$a "${EXTRA[@]}")
   clipvqd train-diffusion "${A[@]}"
   clipvqd finetune-cfg "${A[@]}"
   clipvqd eval "${A[@]}" "${EVAL[@]}" --set eval.max_prompts=12 --set sample.steps=25 --name alpha
