@@ -5,8 +5,9 @@
 #
 #   bash examples/benchmarks/quality.sh [DIR] [--set KEY=VALUE ...]   (default DIR: runs/quality)
 #
-# The --set overrides go to every stage after the budget's own, e.g. another
-# seed: --set project.seed=1 --set data.seed=1 --set sample.seed=1.
+# The --set overrides go to every stage after the budget's own (the alpha
+# ablation's too, so they win over its smaller budget), e.g. another seed:
+# --set project.seed=1 --set data.seed=1 --set sample.seed=1.
 #
 # Budget: the shapes defaults with 20,000 training images (not 5,000), a
 # 6,000-step tokenizer (not 3,000: at 3,000 it got a third of the small stars
@@ -21,12 +22,11 @@
 # (4.4 steps/s), fine-tune 1.6 min, then the evals 23 min and the alpha
 # ablation 16.5 min. On the 2-core Intel Xeon with AMX (2026-12-04): 1 h 12
 # min (tokenizer 5.7 min, diffusion 42.6 min at 6.3 steps/s, the evals 11
-# min, the alpha ablation 11 min; 1 h 21 min at seed 1, 9-15 % slower). Not
-# run on the Zen 4 and AVX2 machines,
-# where by these rates it would take more than 2 hours: the demo's denoiser
-# trained 1.3-1.4x slower on the Zen 4 machine (5.1-5.5 steps/s against 7.2;
-# half the bf16 matmul peak) and 3.4x slower in fp32 on the AVX2 one (2.1
-# steps/s).
+# min, the alpha ablation 11 min; 1 h 21 min at seed 1, 9-15 % slower).
+# Not run on the Zen 4 and AVX2 machines, where by these rates it would take
+# more than 2 hours: the demo's denoiser trained 1.3-1.4x slower on the
+# Zen 4 machine (5.1-5.5 steps/s against 7.2; half the bf16 matmul peak) and
+# 3.4x slower in fp32 on the AVX2 one (2.1 steps/s).
 #
 # Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
 # number lands in DIR/*/eval/*.json and *.md, a plot per ablation in
