@@ -118,7 +118,7 @@ def init(
 
     path = write_project_file(directory, example, force=force)
     load_config(path)  # what we write must load
-    out.print(f"wrote {path}")
+    out.print(escape(f"wrote {path}"), soft_wrap=True)  # one line, brackets in the path as written
 
 
 @app.command("train-vq")

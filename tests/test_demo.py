@@ -62,3 +62,16 @@ def test_one_process_runs_stages_of_different_precisions(demo_config):
         with acc.autocast():
             out = torch.nn.Linear(3, 3)(torch.ones(2, 3))
         assert acc.mixed_precision == precision and out.dtype == dtype
+
+
+def test_a_status_line_prints_as_written_on_one_line():
+    """A log file is 80 columns wide: the demo's lines must not wrap there, nor lose a path's brackets."""
+    import io
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=40, color_system=None)
+    line = "contact sheet: /tmp/runs [seed 1]/clipvqd-demo/demo-contact-sheet.png (a long path) [bold]x[/]"
+    demo.say(console, line)
+    assert buffer.getvalue() == line + "\n"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from clipvqd.config import Config, load_config
@@ -87,6 +88,12 @@ def precision_note(config: Config, precision: str) -> str | None:
     return None
 
 
+def say(console: Console, line: str) -> None:
+    """Print one status line as written: never wrapped at the console's width (a log file's
+    is 80 columns), and brackets in a path are text, not rich markup."""
+    console.print(escape(line), soft_wrap=True)
+
+
 def run(directory: Path, console: Console) -> dict:
     from clipvqd.stages import eval as eval_stage, finetune_cfg, tokenize, train_diffusion, train_vq
 
@@ -94,23 +101,23 @@ def run(directory: Path, console: Console) -> dict:
     project_file = directory / "clipvqd.toml"
     if not project_file.exists():
         write_project_file(directory, "shapes")
-        console.print(f"init: wrote {project_file} (the shapes world)")
+        say(console, f"init: wrote {project_file} (the shapes world)")
     else:
-        console.print(f"init: using the existing {project_file}")
+        say(console, f"init: using the existing {project_file}")
     config = load_config(project_file, DEMO_OVERRIDES)
     precision = denoiser_precision(config)
     denoiser_config = dataclasses.replace(
         config, project=dataclasses.replace(config.project, mixed_precision=precision))
     note = precision_note(config, precision)
     if note:
-        console.print(note)
+        say(console, note)
     project = Project.from_file(project_file)
     started = time.perf_counter()
 
     def stage(name: str, fn, describe, stage_config: Config = config) -> dict:
         t0 = time.perf_counter()
         result = fn(stage_config, project)
-        console.print(f"{name}: {describe(result)} ({time.perf_counter() - t0:.0f} s)")
+        say(console, f"{name}: {describe(result)} ({time.perf_counter() - t0:.0f} s)")
         return result
 
     stage("train-vq", train_vq.run, lambda r: _trained(
@@ -134,8 +141,8 @@ def run(directory: Path, console: Console) -> dict:
             value = metrics[key]
             table.add_row(key, f"{value:.1%}" if key.startswith("judge") else f"{value:.3f}")
     console.print(table)
-    console.print(f"contact sheet: {sheet}")
-    console.print(f"total: {time.perf_counter() - started:.0f} s")
+    say(console, f"contact sheet: {sheet}")
+    say(console, f"total: {time.perf_counter() - started:.0f} s")
     return {"contact sheet": str(sheet), **{k: v for k, v in metrics.items() if k.startswith("judge")}}
 
 
