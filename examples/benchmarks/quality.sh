@@ -22,7 +22,8 @@
 # (4.4 steps/s), fine-tune 1.6 min, then the evals 23 min and the alpha
 # ablation 16.5 min. On the 2-core Intel Xeon with AMX (2026-12-04): 1 h 12
 # min (tokenizer 5.7 min, diffusion 42.6 min at 6.3 steps/s, the evals 11
-# min, the alpha ablation 11 min; 1 h 21 min at seed 1, 9-15 % slower).
+# min, the alpha ablation 11 min; 1 h 21-24 min at seeds 1 and 2, on a machine
+# 9-16 % slower).
 # Not run on the Zen 4 and AVX2 machines, where by these rates it would take
 # more than 2 hours: the demo's denoiser trained 1.3-1.4x slower on the
 # Zen 4 machine (5.1-5.5 steps/s against 7.2; half the bf16 matmul peak) and
