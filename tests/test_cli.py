@@ -31,6 +31,14 @@ def test_init_writes_a_project_that_loads(tmp_path):
     assert again.exit_code == 2 and "already exists" in again.output
 
 
+def test_init_says_where_it_wrote_on_one_line_as_written(tmp_path):
+    """Past 80 columns (a log's width) and with brackets in the path, which rich would read as markup."""
+    folder = tmp_path / ("a-project-folder-name-long-enough-to-pass-eighty-columns [seed 1]" + "x" * 20)
+    result = runner.invoke(app, ["init", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"wrote {folder / 'clipvqd.toml'}\n"
+
+
 @pytest.mark.parametrize(
     "setup, args, needle",
     [
