@@ -18,7 +18,10 @@
 3. The paper-size bf16 ceiling (``--ceiling``): each matmul shape of the
    batch-4 forward (qkv, proj, fc1, fc2, the output layer) as a bare
    ``torch.mm`` of bf16 tensors, and the attention kernel alone, best of 5,
-   with the square-matmul peak of speed.py measured in the same run. Their
+   with the square-matmul peak of speed.py measured in the same run (and the
+   attention written out as two matmuls and a softmax in bf16, with the
+   ceiling it would give; faster on some CPUs, but its scores and
+   probabilities are rounded to bf16, where the kernel keeps them in fp32). Their
    times summed at those rates, with nothing else (no bias, casts, norms,
    GELU, residuals or softmax), are the fastest this forward could be with
    torch's kernels: the highest % of the peak it could reach. (The fc2
@@ -174,10 +177,17 @@ def ceiling() -> None:
     gflop = 4 * 4 * L * L * D / 1e9
     total_ms, total_gflop = total_ms + cfg.layers * ms, total_gflop + cfg.layers * gflop
     print(f"  attention (4, {H}, {L}, {D // H}) x {cfg.layers}: {ms:.3f} ms, {gflop / ms * 1e3:.0f} GFLOP/s")
+    # the same attention written out: bf16 scores and probabilities (the flash kernel keeps them in fp32)
+    scale = (D // H) ** -0.5
+    explicit_ms = best_ms(lambda: torch.matmul(torch.matmul(q * scale, k.transpose(-1, -2)).softmax(-1), v), 5)
+    print(f"       written out (q kᵀ, softmax, @ v, all bf16): {explicit_ms:.3f} ms, {gflop / explicit_ms * 1e3:.0f} GFLOP/s")
     peak = matmul_peak(torch.device("cpu"), bf)
     rate = total_gflop / total_ms * 1e3
     print(f"  all of them: {total_gflop:.0f} GFLOP in {total_ms:.0f} ms = {rate:.0f} GFLOP/s; "
           f"bf16 matmul peak (speed.py's) {peak:.0f} GFLOP/s: the ceiling is {100 * rate / peak:.0f} % of it")
+    written_ms = total_ms + cfg.layers * (explicit_ms - ms)
+    print(f"  with the attention written out: {written_ms:.0f} ms, the ceiling is "
+          f"{100 * total_gflop / written_ms * 1e3 / peak:.0f} % of the peak")
 
 
 def profile_by_shape(rows_shown: int = 25) -> None:
