@@ -13,7 +13,7 @@ from clipvqd.clip import build_model, save_tiny_clip
 from clipvqd.config import Config
 from clipvqd.errors import UserError
 from clipvqd.evaluation import judging
-from clipvqd.evaluation.sweep import parse_sweeps
+from clipvqd.evaluation.sweep import parse_sweeps, plot, reranking_pair
 from clipvqd.plot import line_chart, nice_ticks
 from clipvqd.project import Project
 from clipvqd.shapes.captions import parse_prompt
@@ -232,7 +232,11 @@ def test_sweep_writes_json_table_and_plot(tmp_path, clip_file, monkeypatch):
     assert table[2].startswith("| guidance | truncation |") and len(table) == 4 + 4
     assert table[4].startswith("| 1.0 | 0.8 |")
     with Image.open(tmp_path / "eval" / "grid-sweep.png") as im:
-        assert im.size == (720, 440)
+        assert im.size[1] == 440 and im.size[0] >= 720  # widened for the legend, never clipped
+        legend = np.asarray(im.convert("RGB"))[:, 540:]  # (the four lines coincide in the frame here)
+    # one series per truncation and selection (all samples, best of n: reranking off and on)
+    for colour in ([31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40]):
+        assert (legend == colour).all(axis=-1).sum() > 10
 
 
 def test_sweep_errors(tmp_path, clip_file):
@@ -269,6 +273,27 @@ def test_plot_helpers():
     assert low >= 217 - 4 and high <= 217 + 4
     low, high = line_rows(line_chart({"a": [(1, 0.5), (2, 0.52)]}))  # without a range the data fill the axis
     assert high - low > 300
+
+
+def test_sweep_plot_draws_reranking_off_and_on():
+    judge_all, judge_best = "judge held-out, all samples: all named", "judge held-out, best of 16 by CLIP: all named"
+    clip_all, clip_best = "CLIP score (cosine, paper), all samples", "CLIP score (cosine, paper), best of n"
+    measured = {judge_all, judge_best, clip_all, clip_best, "CLIP score (x100 clamped, torchmetrics), best of n", "FID"}
+    assert reranking_pair(judge_all, measured) == (judge_all, judge_best)
+    assert reranking_pair(judge_best, measured) == (judge_all, judge_best)
+    assert reranking_pair(clip_best, measured) == (clip_all, clip_best)  # not the torchmetrics variant
+    assert reranking_pair("FID", measured) is None
+    assert reranking_pair(judge_all, measured - {judge_best}) is None
+
+    def colour_pixels(metrics_of_point):
+        points = [{"values": {"steps": s}, "metrics": metrics_of_point(s)} for s in (10, 25, 100)]
+        pixels = np.asarray(plot(points, judge_all, "t"))[:, :540]  # the frame, not the legend
+        return [(pixels == c).all(axis=-1).sum() for c in ([31, 119, 180], [255, 127, 14])]
+
+    both = colour_pixels(lambda s: {judge_all: 0.2 + s / 200, judge_best: 0.9})
+    assert both[0] > 20 and both[1] > 20  # all samples in the first colour, the best of 16 in the second
+    alone = colour_pixels(lambda s: {judge_all: 0.2 + s / 200})
+    assert alone[0] > 20 and alone[1] == 0
 
 
 class _FakeInception(torch.nn.Module):

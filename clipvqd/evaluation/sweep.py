@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from typing import Any
 
 from clipvqd.config import SECTIONS, Config, apply_values
@@ -66,13 +67,41 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+_BEST_OF = re.compile(r"best of (\d+ by CLIP|n)")
+
+
+def reranking_pair(metric: str, available) -> tuple[str, str] | None:
+    """(all samples, best of n) versions of one measure, when ``metric`` is either and both were measured.
+
+    "judge in-distribution, all samples: all named" pairs with "judge
+    in-distribution, best of 16 by CLIP: all named", "CLIP score ..., all
+    samples" with "CLIP score ..., best of n": reranking off and on.
+    """
+    generic = _BEST_OF.sub("all samples", metric)
+    best = [k for k in available if k != generic and _BEST_OF.sub("all samples", k) == generic]
+    return (generic, best[0]) if generic in available and len(best) == 1 else None
+
+
 def plot(points: list[dict], metric: str, title: str):
-    """The metric against the first swept key, one line per combination of the other keys."""
+    """The metric against the first swept key, one line per combination of the other keys.
+
+    Where the metric was measured both over all samples and over the best of n
+    by CLIP, both are drawn (reranking off and on), the latter labelled with
+    its selection, e.g. "best of 16 by CLIP".
+    """
     keys = list(points[0]["values"])
     x_key, rest = keys[0], keys[1:]
+    pair = reranking_pair(metric, set().union(*(p["metrics"] for p in points)))
+    if pair:  # (metric, its legend suffix): "all samples" and e.g. "best of 16 by CLIP"
+        drawn = [(pair[0], "all samples"), (pair[1], _BEST_OF.search(pair[1]).group(0))]
+        y_label = pair[0].replace("all samples", "all samples and best of n")
+    else:
+        drawn, y_label = [(metric, "")], metric
     series: dict[str, list] = {}
     for p in points:
-        name = label({k: p["values"][k] for k in rest}) or metric
-        series.setdefault(name, []).append((p["values"][x_key], p["metrics"].get(metric)))
+        others = label({k: p["values"][k] for k in rest})
+        for m, selection in drawn:
+            name = ", ".join(part for part in (others, selection) if part) or metric
+            series.setdefault(name, []).append((p["values"][x_key], p["metrics"].get(m)))
     share = metric.startswith("judge")  # judge metrics are shares in 0..1
-    return line_chart(series, title=title, x_label=x_key, y_label=metric, y_range=(0.0, 1.0) if share else None)
+    return line_chart(series, title=title, x_label=x_key, y_label=y_label, y_range=(0.0, 1.0) if share else None)
