@@ -31,7 +31,8 @@
 #
 # Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
 # number lands in DIR/*/eval/*.json and *.md, a plot per ablation in
-# DIR/base/eval/*-sweep.png and DIR/alpha.png.
+# DIR/base/eval/*-sweep.png (each with reranking off and on), DIR/alpha.png
+# and DIR/reranking.png.
 set -euo pipefail
 DIR=${1:-runs/quality}
 EXTRA=("${@:2}")  # the caller's --set overrides, after the budget's
@@ -82,3 +83,5 @@ line_chart(series, title="pseudo-text noise alpha (paper Fig. 7)", x_label="alph
            y_label="judged all named", y_range=(0.0, 1.0)).save(root / "alpha.png")
 print(json.dumps(series, indent=2))
 PY
+# reranking off and on (the paper's Section 5.6) against the sampling steps
+python examples/benchmarks/reranking_plot.py "$DIR/base/eval/steps-sweep.json" "$DIR/reranking.png"
