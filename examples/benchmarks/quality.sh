@@ -24,10 +24,10 @@
 # min (tokenizer 5.7 min, diffusion 42.6 min at 6.3 steps/s, the evals 11
 # min, the alpha ablation 11 min; 1 h 21-24 min at seeds 1 and 2, on a machine
 # 9-16 % slower).
-# Not run on the Zen 4 and AVX2 machines, where by these rates it would take
-# more than 2 hours: the demo's denoiser trained 1.3-1.4x slower on the
-# Zen 4 machine (5.1-5.5 steps/s against 7.2; half the bf16 matmul peak) and
-# 3.4x slower in fp32 on the AVX2 one (2.1 steps/s).
+# On the Zen 4 machine (2026-12-06) the training took about 1 h 33 min
+# (diffusion at 3.0-3.3 steps/s) and the run up to the guidance x truncation
+# sweep 2 h 2 min; it was stopped there (RESULTS.md). Not run on the AVX2 machine
+# (fp32 there: 3.4x slower in the demo's denoiser).
 #
 # Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
 # number lands in DIR/*/eval/*.json and *.md, a plot per ablation in
