@@ -232,9 +232,11 @@ def test_sweep_writes_json_table_and_plot(tmp_path, clip_file, monkeypatch):
     assert table[2].startswith("| guidance | truncation |") and len(table) == 4 + 4
     assert table[4].startswith("| 1.0 | 0.8 |")
     with Image.open(tmp_path / "eval" / "grid-sweep.png") as im:
-        assert im.size[1] == 440 and im.size[0] >= 720  # widened for the legend, never clipped
+        # one legend entry per truncation and selection (all samples, best of n: reranking off and on),
+        # and the image exactly as wide as a chart with those four entries
+        names = [f"truncation={t}, {sel}" for t in (0.8, 1.0) for sel in ("all samples", "best of 2 by CLIP")]
+        assert im.size == line_chart({name: [(0, 0.0)] for name in names}).size
         legend = np.asarray(im.convert("RGB"))[:, 540:]  # (the four lines coincide in the frame here)
-    # one series per truncation and selection (all samples, best of n: reranking off and on)
     for colour in ([31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40]):
         assert (legend == colour).all(axis=-1).sum() > 10
 

@@ -18,6 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
+from clipvqd.evaluation.sweep import reranking_pair
 from clipvqd.plot import line_chart
 
 SETS = ("in-distribution", "held-out")
@@ -30,13 +31,15 @@ RECORDED = {100: (0.961, 1.000, 0.763, 0.917), 50: (0.956, 1.000, 0.786, 0.917),
 def from_sweep(path: Path) -> dict[str, list[tuple[int, float]]]:
     """The four series of a ``clipvqd eval --sweep steps=...`` report."""
     points = json.loads(path.read_text())["points"]
+    if not points or list(points[0]["values"]) != ["steps"]:
+        raise SystemExit(f"{path}: not a sweep over steps alone (clipvqd eval --sweep steps=...)")
     series: dict[str, list[tuple[int, float]]] = {}
-    for p in points:
-        for key, value in p["metrics"].items():
-            for group in SETS:
-                if key.startswith(f"judge {group}, ") and key.endswith(": all named"):
-                    selection = key[len(f"judge {group}, "):-len(": all named")]  # "all samples" / "best of 16 by CLIP"
-                    series.setdefault(f"{group}, {selection}", []).append((p["values"]["steps"], value))
+    for group in SETS:
+        pair = reranking_pair(f"judge {group}, all samples: all named", points[0]["metrics"])
+        if pair is None:
+            raise SystemExit(f"{path}: no judge {group} accuracy over all samples and over the best of n")
+        for metric in pair:  # "judge held-out, best of 16 by CLIP: all named" -> "held-out, best of 16 by CLIP"
+            series[metric[len("judge "):].rsplit(": ", 1)[0]] = [(p["values"]["steps"], p["metrics"][metric]) for p in points]
     return series
 
 
