@@ -75,3 +75,23 @@ def test_a_status_line_prints_as_written_on_one_line():
     line = "contact sheet: /tmp/runs [seed 1]/clipvqd-demo/demo-contact-sheet.png (a long path) [bold]x[/]"
     demo.say(console, line)
     assert buffer.getvalue() == line + "\n"
+
+
+@pytest.mark.parametrize("native, precision, device, warned", [
+    (False, "bf16", "cpu", True),   # emulated: a bf16 matmul ran ~50x slower than fp32 (SPEED.md)
+    (True, "bf16", "cpu", False),
+    (False, "no", "cpu", False),
+    (False, "bf16", "meta", False),  # not a CPU: nothing to say
+])
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_of_once(monkeypatch, caplog, native, precision, device, warned):
+    import torch
+
+    from clipvqd.stages import common
+
+    monkeypatch.setattr(common, "native_cpu_bf16", lambda: native)
+    monkeypatch.setattr(common, "_warned_emulated_bf16", False)
+    with caplog.at_level("WARNING", logger="clipvqd"):
+        for _ in range(3):
+            common.warn_if_bf16_is_emulated(precision, torch.device(device))
+    lines = [r.getMessage() for r in caplog.records if "without native bf16" in r.getMessage()]
+    assert len(lines) == (1 if warned else 0)

@@ -5,6 +5,7 @@ against the project folder."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
@@ -12,6 +13,8 @@ import torch
 from clipvqd.config import Config
 from clipvqd.errors import UserError
 from clipvqd.project import Project
+
+log = logging.getLogger("clipvqd")
 
 
 def device_of(config: Config) -> torch.device:
@@ -34,9 +37,23 @@ def native_cpu_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
+_warned_emulated_bf16 = False
+
+
+def warn_if_bf16_is_emulated(mixed_precision: str, device: torch.device) -> None:
+    """Log once per process when bf16 autocast will run on a CPU without native bf16: there torch
+    emulates it, and a bf16 matmul ran about 50x slower than fp32 (SPEED.md, the Zen 3 machine)."""
+    global _warned_emulated_bf16
+    if mixed_precision == "bf16" and device.type == "cpu" and not native_cpu_bf16() and not _warned_emulated_bf16:
+        _warned_emulated_bf16 = True
+        log.warning("project.mixed_precision = 'bf16' on a CPU without native bf16 (no AMX or AVX512-BF16): "
+                    "torch emulates it, many times slower than fp32; set mixed_precision = 'no'")
+
+
 def autocast(config: Config, device: torch.device):
     """Autocast for inference as ``project.mixed_precision`` asks (a no-op for 'no')."""
     mp = config.project.mixed_precision
+    warn_if_bf16_is_emulated(mp, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 

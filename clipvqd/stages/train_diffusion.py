@@ -23,6 +23,7 @@ from clipvqd.diffusion import Schedule, TimestepSampler, vlb_loss
 from clipvqd.errors import UserError
 from clipvqd.models import denoiser_config
 from clipvqd.project import Project, StageDir
+from clipvqd.stages.common import warn_if_bf16_is_emulated
 from clipvqd.stages.tokenize import read_meta
 from clipvqd.transformer import Denoiser
 from clipvqd.training import (
@@ -95,6 +96,7 @@ def train(config: Config, project: Project, s: LoopSettings) -> dict:
     # The null condition is trained only by the guidance fine-tune, and there it enters through the
     # condition rather than a module call, so DDP must look for it in the graph.
     acc = make_accelerator(config.project, find_unused_parameters=s.drop_prob > 0)
+    warn_if_bf16_is_emulated(config.project.mixed_precision, acc.device)
     codes_np, embeds_np, meta = load_tokens(config, project)
     torch.manual_seed(seed)  # weight init only
     model = Denoiser(denoiser_config(config, tuple(meta["grid"]), meta["embed_dim"]))

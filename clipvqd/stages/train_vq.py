@@ -19,7 +19,7 @@ from clipvqd.data import make_grid, open_images, save_png
 from clipvqd.models import vq_config
 from clipvqd.project import Project
 from clipvqd.errors import UserError
-from clipvqd.stages.common import data_identity, resolved_data
+from clipvqd.stages.common import data_identity, resolved_data, warn_if_bf16_is_emulated
 from clipvqd.templates import record_image_folder
 from clipvqd.training import (
     EMA, Checkpointer, RunLog, StepBatches, check_finite, lr_factor, make_accelerator, set_lr, shard,
@@ -36,6 +36,7 @@ def run(config: Config, project: Project, record_in: Path | None = None) -> dict
     record data.path once the images have been opened (`clipvqd train-vq DIR`), so tokenize reads them too."""
     tc = config.train_vq
     acc = make_accelerator(config.project)
+    warn_if_bf16_is_emulated(config.project.mixed_precision, acc.device)
     torch.manual_seed(config.project.seed)  # weight init only; every later draw has its own generator
     data = data_identity(config, project)
     images = open_images(resolved_data(config, project))
