@@ -6,7 +6,7 @@ through adaptive LayerNorms (no cross-attention):
     x = embed(tokens) + row_pos + col_pos                 (B, L, D)
     for each block:
         x = x + SelfAttention(AdaLN_t(x, t))              non-causal, fused qkv
-        x = x + MLP(AdaLN_clip(x, cond))                  conv 3x3 on the grid, or linear
+        x = x + MLP(AdaLN_clip(x, cond))                  conv 3x3 on the grid, depthwise, or linear
     log p(x0) = log_softmax(Linear(LayerNorm(x)))         over the K real classes
 
 AdaLN(x) = LN(x) * (1 + scale) + shift with a non-affine LayerNorm, where
@@ -30,6 +30,9 @@ from clipvqd.attention import attention
 from clipvqd.errors import UserError
 
 
+MLPS = ("conv", "dwconv", "linear")
+
+
 @dataclass(frozen=True)
 class DenoiserConfig:
     """Size of the denoiser. Paper: K=4096, 16x16, 24 layers, dim 512, 16 heads, cond 512, T=100."""
@@ -40,14 +43,14 @@ class DenoiserConfig:
     layers: int = 24
     dim: int = 512  # model width
     heads: int = 16
-    mlp: str = "conv"  # "conv" (two 3x3 convs on the grid, the released code) or "linear"
+    mlp: str = "conv"  # "conv" (two 3x3 convs on the grid, the released code), "dwconv" or "linear"
     mlp_ratio: int = 4
     cond_dim: int = 512  # CLIP embedding size
     timesteps: int = 100  # T
 
     def __post_init__(self):
-        if self.mlp not in ("conv", "linear"):
-            raise UserError(f"transformer.mlp must be 'conv' or 'linear', got {self.mlp!r}")
+        if self.mlp not in MLPS:
+            raise UserError(f"transformer.mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
         if self.dim % self.heads:
             raise UserError(f"transformer width {self.dim} is not divisible by heads {self.heads}")
         for name in ("num_classes", "height", "width", "layers", "dim", "heads", "mlp_ratio", "cond_dim", "timesteps"):
@@ -130,6 +133,30 @@ class ConvMLP(nn.Module):
         return g.permute(0, 2, 3, 1).reshape(B, L, D)
 
 
+class DepthwiseConvMLP(nn.Module):
+    """D -> ratio*D (linear) -> depthwise 3x3 on the grid -> quick GELU -> D (linear).
+
+    Each token still reads its 3x3 neighbourhood, as in ConvMLP, but the
+    spatial mixing is one 3x3 filter per hidden channel: per token 2 ratio D^2
+    + 9 ratio D multiply-adds instead of ConvMLP's 18 ratio D^2 (SegFormer's
+    Mix-FFN; not the paper's).
+    """
+
+    def __init__(self, dim: int, ratio: int, height: int, width: int):
+        super().__init__()
+        self.height, self.width = height, width
+        self.fc1 = nn.Linear(dim, ratio * dim)
+        self.dw = nn.Conv2d(ratio * dim, ratio * dim, 3, padding=1, groups=ratio * dim)
+        self.fc2 = nn.Linear(ratio * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        h = self.fc1(x)
+        g = h.reshape(B, self.height, self.width, h.shape[-1]).permute(0, 3, 1, 2)  # channels-last view
+        g = quick_gelu(self.dw(g))
+        return self.fc2(g.permute(0, 2, 3, 1).reshape(B, L, -1))
+
+
 class LinearMLP(nn.Module):
     """Position-wise MLP: D -> ratio*D -> D, quick GELU between.
 
@@ -186,6 +213,8 @@ class Block(nn.Module):
         self.ada_c = AdaLNCond(cfg.cond_dim, cfg.dim)
         if cfg.mlp == "conv":
             self.mlp = ConvMLP(cfg.dim, cfg.mlp_ratio, cfg.height, cfg.width)
+        elif cfg.mlp == "dwconv":
+            self.mlp = DepthwiseConvMLP(cfg.dim, cfg.mlp_ratio, cfg.height, cfg.width)
         else:
             self.mlp = LinearMLP(cfg.dim, cfg.mlp_ratio)
 

@@ -20,6 +20,8 @@ def expected_params(K, h, w, layers, D, cond, T, mlp, ratio=4):
     ada_c = cond * D + D + D * 2 * D + 2 * D
     if mlp == "conv":
         mlp_n = D * ratio * D * 9 + ratio * D + ratio * D * D * 9 + D
+    elif mlp == "dwconv":  # fc1, one 3x3 filter and bias per hidden channel, fc2
+        mlp_n = D * ratio * D + ratio * D + ratio * D * 9 + ratio * D + ratio * D * D + D
     else:
         mlp_n = D * ratio * D + ratio * D + ratio * D * D + D
     per_block = attn + ada_t + ada_c + mlp_n
@@ -28,7 +30,7 @@ def expected_params(K, h, w, layers, D, cond, T, mlp, ratio=4):
     return layers * per_block + embeds + head + cond
 
 
-@pytest.mark.parametrize("mlp,paper_count", [("conv", 515e6), ("linear", 113e6)])
+@pytest.mark.parametrize("mlp,paper_count", [("conv", 515e6), ("dwconv", 113e6), ("linear", 113e6)])
 def test_paper_parameter_count(mlp, paper_count):
     with torch.device("meta"):
         model = Denoiser(DenoiserConfig(mlp=mlp, **PAPER))
@@ -43,7 +45,7 @@ def tiny(mlp="conv", **kw):
     return DenoiserConfig(**cfg)
 
 
-@pytest.mark.parametrize("mlp", ["conv", "linear"])
+@pytest.mark.parametrize("mlp", ["conv", "dwconv", "linear"])
 def test_output_shape_and_normalisation(mlp):
     torch.manual_seed(0)
     cfg = tiny(mlp)
@@ -129,6 +131,38 @@ def test_conv_mlp_sees_the_row_major_grid(r, c):
     changed = (mlp(bumped) - mlp(x)).abs().amax(dim=-1)[0] > 1e-12
     expected = torch.tensor([abs(i // w - r) <= 2 and abs(i % w - c) <= 2 for i in range(h * w)])
     assert torch.equal(changed, expected)
+
+
+@pytest.mark.parametrize("r, c", [(0, 0), (2, 3), (4, 6), (1, 5)])
+def test_dwconv_mlp_reads_exactly_the_3x3_neighbourhood(r, c):
+    """One depthwise 3x3 filter between two position-wise linears: a change at grid cell (r, c)
+    of a 5 x 7 row-major grid reaches exactly the cells within 1 row and 1 column of it, and the
+    module equals the written-out fc1 -> per-channel 3x3 correlation -> quick GELU -> fc2."""
+    torch.manual_seed(0)
+    h, w, D, ratio = 5, 7, 4, 2
+    mlp = transformer.DepthwiseConvMLP(D, ratio, h, w).double()
+    x = torch.randn(1, h * w, D, dtype=torch.float64)
+    bumped = x.clone()
+    bumped[0, r * w + c] += 1.0
+    changed = (mlp(bumped) - mlp(x)).abs().amax(dim=-1)[0] > 1e-12
+    expected = torch.tensor([abs(i // w - r) <= 1 and abs(i % w - c) <= 1 for i in range(h * w)])
+    assert torch.equal(changed, expected)
+
+    hidden = x[0] @ mlp.fc1.weight.T + mlp.fc1.bias  # (h*w, ratio*D)
+    grid = hidden.reshape(h, w, ratio * D)
+    filt = mlp.dw.weight[:, 0]  # (ratio*D, 3, 3)
+    mixed = torch.zeros_like(grid)
+    for i in range(h):
+        for j in range(w):
+            total = mlp.dw.bias.clone()
+            for di in (-1, 0, 1):
+                for dj in (-1, 0, 1):
+                    if 0 <= i + di < h and 0 <= j + dj < w:
+                        total = total + filt[:, di + 1, dj + 1] * grid[i + di, j + dj]
+            mixed[i, j] = total
+    mixed = mixed * torch.sigmoid(1.702 * mixed)
+    reference = mixed.reshape(h * w, -1) @ mlp.fc2.weight.T + mlp.fc2.bias
+    assert torch.allclose(mlp(x)[0], reference, atol=1e-12)
 
 
 def test_modulate_is_layer_norm_times_one_plus_scale_plus_shift():
