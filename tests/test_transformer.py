@@ -117,37 +117,32 @@ def test_config_errors_and_independence_from_diffusion():
     assert imports and not any("diffusion" in line for line in imports)
 
 
+@pytest.mark.parametrize("kind, radius", [("conv", 2), ("dwconv", 1)])
 @pytest.mark.parametrize("r, c", [(0, 0), (2, 3), (4, 6), (1, 5)])
-def test_conv_mlp_sees_the_row_major_grid(r, c):
+def test_grid_mlps_see_the_row_major_grid(kind, radius, r, c):
     """Sequence index i is grid cell (i // w, i % w), as the position embeddings and the VQ's
-    flatten(1) have it: through two 3x3 convolutions a change at (r, c) reaches exactly the cells
-    within 2 rows and 2 columns of it on a 5 x 7 grid (read transposed, as (w, h), it would not)."""
+    flatten(1) have it: a change at (r, c) of a 5 x 7 grid reaches exactly the cells within
+    ``radius`` rows and columns of it (read transposed, as (w, h), it would not): 2 through the
+    conv MLP's two 3x3 convolutions, 1 through the dwconv MLP's one depthwise 3x3 filter."""
     torch.manual_seed(0)
     h, w, D = 5, 7, 8
-    mlp = transformer.ConvMLP(D, 2, h, w).double()
+    module = transformer.ConvMLP if kind == "conv" else transformer.DepthwiseConvMLP
+    mlp = module(D, 2, h, w).double()
     x = torch.randn(1, h * w, D, dtype=torch.float64)
     bumped = x.clone()
     bumped[0, r * w + c] += 1.0
     changed = (mlp(bumped) - mlp(x)).abs().amax(dim=-1)[0] > 1e-12
-    expected = torch.tensor([abs(i // w - r) <= 2 and abs(i % w - c) <= 2 for i in range(h * w)])
+    expected = torch.tensor([abs(i // w - r) <= radius and abs(i % w - c) <= radius for i in range(h * w)])
     assert torch.equal(changed, expected)
 
 
-@pytest.mark.parametrize("r, c", [(0, 0), (2, 3), (4, 6), (1, 5)])
-def test_dwconv_mlp_reads_exactly_the_3x3_neighbourhood(r, c):
-    """One depthwise 3x3 filter between two position-wise linears: a change at grid cell (r, c)
-    of a 5 x 7 row-major grid reaches exactly the cells within 1 row and 1 column of it, and the
-    module equals the written-out fc1 -> per-channel 3x3 correlation -> quick GELU -> fc2."""
+def test_dwconv_mlp_is_linear_depthwise_3x3_gelu_linear():
+    """DepthwiseConvMLP equals fc1 -> a per-channel 3x3 correlation with zero padding -> quick GELU
+    -> fc2, written out cell by cell in float64."""
     torch.manual_seed(0)
     h, w, D, ratio = 5, 7, 4, 2
     mlp = transformer.DepthwiseConvMLP(D, ratio, h, w).double()
     x = torch.randn(1, h * w, D, dtype=torch.float64)
-    bumped = x.clone()
-    bumped[0, r * w + c] += 1.0
-    changed = (mlp(bumped) - mlp(x)).abs().amax(dim=-1)[0] > 1e-12
-    expected = torch.tensor([abs(i // w - r) <= 1 and abs(i % w - c) <= 1 for i in range(h * w)])
-    assert torch.equal(changed, expected)
-
     hidden = x[0] @ mlp.fc1.weight.T + mlp.fc1.bias  # (h*w, ratio*D)
     grid = hidden.reshape(h, w, ratio * D)
     filt = mlp.dw.weight[:, 0]  # (ratio*D, 3, 3)
