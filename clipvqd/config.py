@@ -122,7 +122,7 @@ class TransformerConfig:
     layers: int = knob(4, "transformer blocks", ge=1)
     width: int = knob(128, "model width", ge=8)
     heads: int = knob(4, "attention heads (must divide width)", ge=1)
-    mlp: Literal["conv", "dwconv", "linear"] = knob("conv", "MLP of each block: 3x3 convs on the token grid (paper), dwconv (linear, depthwise 3x3, linear: 1.7-1.9x the training steps/s, the same accuracy per second of training in the shapes world) or linear (drew blobs there; RESULTS.md)")
+    mlp: Literal["conv", "dwconv", "linear"] = knob("conv", "MLP of each block: 3x3 convs on the token grid (paper), dwconv (linear, depthwise 3x3, linear: 1.7-1.9x the training steps/s; in one shapes trial as accurate as conv at equal training time, not at equal steps) or linear (drew blobs there; RESULTS.md)")
     mlp_ratio: int = knob(2, "MLP hidden width = mlp_ratio x width (the paper: 4)", ge=1)
 
 

@@ -78,7 +78,7 @@ def test_a_status_line_prints_as_written_on_one_line():
 
 
 @pytest.mark.parametrize("native, precision, device, warned", [
-    (False, "bf16", "cpu", True),   # emulated: a bf16 matmul ran ~50x slower than fp32 (SPEED.md)
+    (False, "bf16", "cpu", True),   # emulated: a bf16 matmul ran 25-50x slower than fp32 (SPEED.md)
     (True, "bf16", "cpu", False),
     (False, "no", "cpu", False),
     (False, "bf16", "meta", False),  # not a CPU: nothing to say

@@ -42,7 +42,7 @@ _warned_emulated_bf16 = False
 
 def warn_if_bf16_is_emulated(mixed_precision: str, device: torch.device) -> None:
     """Log once per process when bf16 autocast will run on a CPU without native bf16: there torch
-    emulates it, and a bf16 matmul ran about 50x slower than fp32 (SPEED.md, the Zen 3 machine)."""
+    emulates it, and a bf16 matmul ran 25-50x slower than fp32 (SPEED.md, the Zen 3 machine)."""
     global _warned_emulated_bf16
     if mixed_precision == "bf16" and device.type == "cpu" and not native_cpu_bf16() and not _warned_emulated_bf16:
         _warned_emulated_bf16 = True
