@@ -26,8 +26,9 @@
 # 9-16 % slower).
 # On the Zen 4 machine (2026-12-06) the training took about 1 h 33 min
 # (diffusion at 3.0-3.3 steps/s) and the run up to the guidance x truncation
-# sweep 2 h 2 min; it was stopped there (RESULTS.md). Not run on the AVX2 machine
-# (fp32 there: 3.4x slower in the demo's denoiser).
+# sweep 2 h 2 min; it was stopped there (RESULTS.md). Not run whole on the AVX2
+# machine (fp32 there: 3.4x slower in the demo's denoiser); its tokenizer stages and
+# alpha ablation alone took 62 min on the Zen 3 (2026-12-08).
 #
 # Writes DIR/base (the main run) and DIR/alpha-* (the noise ablation); every
 # number lands in DIR/*/eval/*.json and *.md, a plot per ablation in
